@@ -1,0 +1,342 @@
+r"""Sharpness-aware gradient transformations: SAM, group-wise SAM, ImbSAM.
+
+Every transformation here is an :class:`optax.GradientTransformationExtraArgs`
+that **replaces** the incoming gradient by a sharpness-aware direction; put it
+first in a chain, before weight decay and the base optimizer (the references
+add weight decay at the *unperturbed* weights and leave it out of the
+perturbation)::
+
+  tx = optax.chain(
+      imbsam(rho=0.1),
+      optax.add_decayed_weights(1e-3),
+      optax.sgd(0.01, momentum=0.9),
+  )
+
+The loss reaches the transformations through keyword-only extra arguments of
+``update``:
+
+``loss_fn``
+  ``params -> per-example losses [B]``. Called at perturbed parameters. For a
+  model with BatchNorm it must run in training mode (statistics of the full
+  batch) and discard the running-statistics update: the running statistics
+  come from the clean pass, which the caller owns.
+``loss_vjp`` (optional)
+  ``(per_example_losses, vjp_fn)`` at the **unperturbed** ``params``: the first
+  two outputs of ``jax.vjp(loss_fn, params)``. Passing it lets the caller share
+  its own clean forward pass (and read its aux, e.g. BatchNorm statistics).
+  Without it the transformation runs that forward pass itself.
+``group_ids`` (group methods)
+  int ``[B]``, the group of every example (head = 0, tail = 1 for ImbSAM and
+  SSE-SAM). Alternatively ``labels`` when the transformation was built with
+  ``tail_classes``/``class_groups``.
+
+Group losses. With per-example losses :math:`l_i`, group :math:`k` and weight
+:math:`w_k`,
+
+.. math::
+  L_k = w_k \sum_{i \in k} l_i / D_k, \qquad
+  D_k = B \text{ (``normalization='batch'``, default) or } |k| \text{ (``'group'``)}.
+
+An empty group has :math:`L_k = 0` and a zero gradient (never NaN).
+
+Passes per step (forward = 1 unit, backward = 2, plain SGD = 3 units):
+
+=========================  ================================  =====
+method                     passes                            units
+=========================  ================================  =====
+``sam``                    clean fwd+bwd, perturbed fwd+bwd  6
+``imbsam``                 clean fwd + 2 bwd, tail fwd+bwd   8
+``group_sam`` (K groups)   clean fwd + K bwd, one fwd+bwd    3+2K+3·(#rho≠0)
+                           per group whose rho is not 0
+=========================  ================================  =====
+
+A group whose radius is the constant ``0.0`` is never perturbed: its clean
+gradient is used directly and no extra pass runs.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sse_sam_jax.optim import grouping
+
+Radius = Union[float, optax.Schedule]
+
+NORMALIZATIONS = ('batch', 'group')
+NORM_EPS = 1e-16
+
+
+class SharpnessAwareState(NamedTuple):
+  """State of the sharpness-aware transformations: the step count (for rho schedules)."""
+  count: jax.Array
+
+
+def validate_radius(rho: Radius, name: str = 'rho') -> Radius:
+  """Checks a radius (a float or an optax schedule) is finite and >= 0."""
+  if callable(rho):
+    value = float(np.asarray(rho(0)))
+    if not np.isfinite(value) or value < 0:
+      raise ValueError(f'{name} schedule must be finite and >= 0; {name}(0) = {value}.')
+    return rho
+  if not isinstance(rho, numbers.Real) or isinstance(rho, bool):
+    raise TypeError(f'{name} must be a float or an optax schedule, got {rho!r}.')
+  if not np.isfinite(rho) or rho < 0:
+    raise ValueError(f'{name} must be finite and >= 0, got {rho}.')
+  return float(rho)
+
+
+def _is_static_zero(rho: Radius) -> bool:
+  return not callable(rho) and rho == 0.0
+
+
+def _radius_at(rho: Radius, count: jax.Array):
+  return rho(count) if callable(rho) else rho
+
+
+def _global_norm(tree) -> jax.Array:
+  """L2 norm over all leaves, accumulated in at least float32."""
+  leaves = jax.tree.leaves(tree)
+  dtype = jnp.result_type(jnp.float32, *[x.dtype for x in leaves])
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves))
+
+
+def perturb(params, direction, rho):
+  r"""Returns :math:`w + \rho\, d / (\lVert d \rVert + 10^{-16})`, in the dtype of ``params``.
+
+  A zero ``direction`` gives ``params`` back unchanged (never NaN).
+  """
+  norm = _global_norm(direction)
+  scale = rho / (norm + NORM_EPS)
+  return jax.tree.map(
+      lambda p, d: (p + scale.astype(jnp.result_type(p, norm)) * d).astype(p.dtype),
+      params, direction)
+
+
+def _require(name: str, **values: Any) -> None:
+  missing = [k for k, v in values.items() if v is None]
+  if missing:
+    raise TypeError(
+        f'{name}.update() needs the keyword argument(s) {", ".join(missing)}; '
+        'see the sse_sam_jax.optim docs for what each means.')
+
+
+def _vjp(loss_fn, params, cotangent):
+  losses, vjp_fn = jax.vjp(loss_fn, params)
+  _check_losses(losses, cotangent.shape[0])
+  return vjp_fn(cotangent.astype(losses.dtype))[0]
+
+
+def _check_losses(losses, batch_size=None):
+  if losses.ndim != 1:
+    raise ValueError(
+        f'loss_fn must return per-example losses of shape [B]; got shape {losses.shape}.')
+  if batch_size is not None and losses.shape[0] != batch_size:
+    raise ValueError(
+        f'loss_fn returned {losses.shape[0]} losses but the batch has {batch_size} '
+        'group ids.')
+
+
+def _cast_like(tree, like):
+  return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
+
+
+def sam(rho: Radius) -> optax.GradientTransformationExtraArgs:
+  r"""Sharpness-Aware Minimization (Foret et al., 2021).
+
+  .. math::
+    g = \nabla L\big(w + \rho\, \nabla L(w) / \lVert \nabla L(w) \rVert\big),
+    \quad L = \tfrac1B \textstyle\sum_i l_i.
+
+  The incoming ``updates`` are read as :math:`\nabla L(w)` (what
+  ``jax.grad`` of the mean loss gives); with ``loss_vjp`` the clean gradient is
+  taken from it instead. ``rho = 0.0`` returns the incoming gradient (plain SGD,
+  no extra pass).
+
+  Args:
+    rho: radius, a float ``>= 0`` or an optax schedule of the step count.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
+    and ``loss_fn``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import sse_sam_jax as ssj
+    >>> x, y = jnp.ones((4, 3)), jnp.array([0., 1., 2., 3.])
+    >>> loss_fn = lambda w: (x @ w - y) ** 2        # per-example losses
+    >>> w = jnp.zeros(3)
+    >>> tx = optax.chain(ssj.sam(0.05), optax.sgd(0.1))
+    >>> state = tx.init(w)
+    >>> grads = jax.grad(lambda w: loss_fn(w).mean())(w)
+    >>> updates, state = tx.update(grads, state, w, loss_fn=loss_fn)
+    >>> w = optax.apply_updates(w, updates)
+  """
+  rho = validate_radius(rho)
+
+  def init_fn(params):
+    del params
+    return SharpnessAwareState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, *, loss_fn=None, loss_vjp=None,
+                **extra_args):
+    del extra_args
+    if _is_static_zero(rho):
+      return updates, SharpnessAwareState(optax.safe_increment(state.count))
+    _require('sam', params=params, loss_fn=loss_fn)
+    if loss_vjp is not None:
+      losses, vjp_fn = loss_vjp
+      _check_losses(losses)
+      n = losses.shape[0]
+      clean = vjp_fn(jnp.full((n,), 1.0 / n, losses.dtype))[0]
+    else:
+      clean = updates
+    perturbed = perturb(params, clean, _radius_at(rho, state.count))
+    losses_p, vjp_p = jax.vjp(loss_fn, perturbed)
+    _check_losses(losses_p)
+    n = losses_p.shape[0]
+    direction = vjp_p(jnp.full((n,), 1.0 / n, losses_p.dtype))[0]
+    return (_cast_like(direction, params),
+            SharpnessAwareState(optax.safe_increment(state.count)))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def group_coefficients(group_ids: jax.Array, num_groups: int, normalization: str,
+                       group_weights: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """Per-example weights ``[num_groups, B]`` such that ``L_k = coeffs[k] @ losses``.
+
+  ``'batch'`` divides by the batch size, ``'group'`` by the group's size in the
+  batch; an empty group gets all-zero weights.
+  """
+  batch = group_ids.shape[0]
+  onehot = (group_ids[None, :] == jnp.arange(num_groups)[:, None]).astype(dtype)
+  weights = jnp.asarray(group_weights, dtype)[:, None]
+  if normalization == 'batch':
+    return onehot * weights / batch
+  sizes = jnp.sum(onehot, axis=1, keepdims=True)
+  return onehot * weights / jnp.where(sizes > 0, sizes, 1)
+
+
+def group_sam(rhos: Sequence[Radius], *, normalization: str = 'batch',
+              group_weights: Sequence[float] | None = None,
+              class_groups: Sequence[int] | None = None,
+              ) -> optax.GradientTransformationExtraArgs:
+  r"""Group-wise SAM: every group of examples is perturbed with its own radius.
+
+  .. math::
+    g = \sum_k \nabla L_k\big(w + \rho_k\, \nabla L_k(w) / \lVert \nabla L_k(w) \rVert\big).
+
+  All group gradients at :math:`w` come from **one** forward pass (one
+  backward per group); a group with the constant radius ``0.0`` contributes
+  its clean gradient and costs no further pass. The incoming ``updates`` are
+  not read (only replaced), so a caller that passes ``loss_vjp`` need not
+  compute the plain gradient at all.
+
+  Args:
+    rhos: one radius per group (float or optax schedule).
+    normalization: ``'batch'`` (divide group sums by the batch size; the
+      default, as in the SSE-SAM and ImbSAM papers' code) or ``'group'``
+      (divide by the group's size in the batch).
+    group_weights: a multiplier per group (default all 1).
+    class_groups: optional int ``[num_classes]`` giving each class's group, so
+      that ``update`` may be called with ``labels`` instead of ``group_ids``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``,
+    ``loss_fn`` and ``group_ids`` (or ``labels``); ``loss_vjp`` is optional.
+  """
+  rhos = tuple(validate_radius(r, f'rhos[{i}]') for i, r in enumerate(rhos))
+  num_groups = len(rhos)
+  if num_groups == 0:
+    raise ValueError('group_sam needs at least one group radius.')
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f'normalization must be one of {NORMALIZATIONS}, got {normalization!r}.')
+  if group_weights is None:
+    group_weights = (1.0,) * num_groups
+  group_weights = tuple(float(w) for w in group_weights)
+  if len(group_weights) != num_groups or any(
+      not np.isfinite(w) or w < 0 for w in group_weights):
+    raise ValueError(
+        f'group_weights must be {num_groups} finite non-negative numbers, got {group_weights}.')
+  if class_groups is not None:
+    class_groups = np.asarray(class_groups, np.int32)
+    if class_groups.ndim != 1 or np.any((class_groups < 0) | (class_groups >= num_groups)):
+      raise ValueError(f'class_groups must map each class to a group in [0, {num_groups}).')
+
+  def init_fn(params):
+    del params
+    return SharpnessAwareState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, *, loss_fn=None, loss_vjp=None,
+                group_ids=None, labels=None, **extra_args):
+    del updates, extra_args
+    if group_ids is None and labels is not None and class_groups is not None:
+      group_ids = jnp.asarray(class_groups)[labels]
+    _require('group_sam', params=params, loss_fn=loss_fn, group_ids=group_ids)
+    group_ids = jnp.asarray(group_ids)
+    if group_ids.ndim != 1:
+      raise ValueError(f'group_ids must have shape [B], got {group_ids.shape}.')
+    if loss_vjp is None:
+      losses, vjp_fn = jax.vjp(loss_fn, params)
+    else:
+      losses, vjp_fn = loss_vjp
+    _check_losses(losses, group_ids.shape[0])
+    coeffs = group_coefficients(group_ids, num_groups, normalization, group_weights,
+                                jnp.result_type(jnp.float32, losses.dtype))
+    coeffs = coeffs.astype(losses.dtype)
+    direction = None
+    for k, rho in enumerate(rhos):
+      grad_k = vjp_fn(coeffs[k])[0]
+      if not _is_static_zero(rho):
+        perturbed = perturb(params, grad_k, _radius_at(rho, state.count))
+        grad_k = _vjp(loss_fn, perturbed, coeffs[k])
+      direction = grad_k if direction is None else jax.tree.map(jnp.add, direction, grad_k)
+    return (_cast_like(direction, params),
+            SharpnessAwareState(optax.safe_increment(state.count)))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _head_tail_class_groups(tail_classes):
+  if tail_classes is None:
+    return None
+  tail_classes = np.asarray(tail_classes)
+  if tail_classes.dtype != bool:
+    raise TypeError('tail_classes must be a boolean mask over classes '
+                    '(see sse_sam_jax.optim.tail_classes).')
+  return tail_classes.astype(np.int32)
+
+
+def imbsam(rho: Radius, *, normalization: str = 'batch', tail_weight: float = 1.0,
+           tail_classes=None) -> optax.GradientTransformationExtraArgs:
+  r"""ImbSAM (Zhou et al., 2023): only the tail group is perturbed.
+
+  .. math::
+    g = \nabla L_H(w) + \nabla L_T\big(w + \rho\, \nabla L_T(w) / \lVert \nabla L_T(w) \rVert\big).
+
+  ``group_ids`` marks head examples 0 and tail examples 1 (or pass ``labels``
+  and build with ``tail_classes``). Defaults follow the paper (batch
+  normalization, tail weight 1). The baseline inside the SSE-SAM repository is
+  ``normalization='group'``; the ImbSAM repository's current code is
+  ``tail_weight=2.0``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import sse_sam_jax as ssj
+    >>> tail = ssj.tail_classes([500, 200, 30], eta=50)   # class 2 is tail
+    >>> tx = optax.chain(ssj.imbsam(0.1, tail_classes=tail), optax.sgd(0.1))
+    >>> x, y = jnp.eye(3), jnp.array([0, 1, 2])
+    >>> w = jnp.zeros((3, 3))
+    >>> loss_fn = lambda w: -jax.nn.log_softmax(x @ w)[jnp.arange(3), y]
+    >>> state = tx.init(w)
+    >>> updates, state = tx.update(w, state, w, loss_fn=loss_fn, labels=y)
+  """
+  return group_sam((0.0, rho), normalization=normalization,
+                   group_weights=(1.0, tail_weight),
+                   class_groups=_head_tail_class_groups(tail_classes))
