@@ -1,0 +1,96 @@
+r"""Per-example long-tail losses. Every loss returns one value per example ``[B]``.
+
+The sharpness-aware optimizers build group losses as weighted sums of
+per-example losses, so nothing here reduces over the batch, except where a
+reference reduces by the sum of class weights (PyTorch's weighted
+``cross_entropy``): then each example's value is rescaled so that their plain
+mean equals the reference's weighted mean (``normalize_weights=True``).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sse_sam_jax.optim.grouping import validate_class_counts
+
+
+def cross_entropy(logits, labels, class_weights=None, normalize_weights: bool = True):
+  r"""Cross-entropy per example, optionally class-weighted.
+
+  With weights :math:`w`, example :math:`i` gets :math:`w_{y_i} \ell_i \cdot B / \sum_j w_{y_j}`
+  when ``normalize_weights`` (so the batch mean equals PyTorch's weighted mean), else
+  :math:`w_{y_i} \ell_i`.
+
+  >>> import jax.numpy as jnp
+  >>> cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3])).round(4).tolist()
+  [1.3863, 1.3863]
+  """
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return apply_class_weights(losses, labels, class_weights, normalize_weights)
+
+
+def apply_class_weights(losses, labels, class_weights, normalize_weights: bool = True):
+  if class_weights is None:
+    return losses
+  w = jnp.asarray(class_weights, losses.dtype)[labels]
+  if normalize_weights:
+    return w * losses * (losses.shape[0] / jnp.maximum(jnp.sum(w), 1e-12))
+  return w * losses
+
+
+def ldam_margins(class_counts, max_margin: float = 0.5) -> np.ndarray:
+  """LDAM margins ``m_c ∝ n_c^{-1/4}``, the largest equal to ``max_margin``."""
+  counts = validate_class_counts(class_counts).astype(np.float64)
+  m = 1.0 / np.sqrt(np.sqrt(counts))
+  return (m * (max_margin / np.max(m))).astype(np.float32)
+
+
+def ldam(logits, labels, margins, scale: float = 30.0, class_weights=None,
+         normalize_weights: bool = True):
+  r"""LDAM (Cao et al., 2019): subtract the class margin from the true logit, scale, CE.
+
+  Use with a normalised (cosine) classifier, as in the reference.
+  """
+  margins = jnp.asarray(margins, logits.dtype)
+  onehot = jax_one_hot(labels, logits.shape[-1], logits.dtype)
+  adjusted = logits - onehot * margins[labels][:, None]
+  return cross_entropy(scale * adjusted, labels, class_weights, normalize_weights)
+
+
+def jax_one_hot(labels, num_classes, dtype):
+  return (labels[:, None] == jnp.arange(num_classes)[None, :]).astype(dtype)
+
+
+def class_balanced_weights(class_counts, beta: float = 0.9999) -> np.ndarray:
+  r"""DRW weights (Cui et al., 2019): :math:`(1-\beta)/(1-\beta^{n_c})`, summing to ``C``."""
+  if not 0.0 <= beta < 1.0:
+    raise ValueError(f'beta must lie in [0, 1), got {beta}.')
+  counts = validate_class_counts(class_counts).astype(np.float64)
+  w = (1.0 - beta) / (1.0 - np.power(beta, counts))
+  return (w / w.sum() * len(counts)).astype(np.float32)
+
+
+def log_prior(class_counts) -> np.ndarray:
+  counts = validate_class_counts(class_counts).astype(np.float64)
+  return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def logit_adjusted(logits, labels, class_counts, tau: float = 1.0, class_weights=None):
+  r"""Logit-adjusted loss (Menon et al., 2021): CE of :math:`z + \tau \log \pi`."""
+  adjusted = logits + tau * jnp.asarray(log_prior(class_counts), logits.dtype)
+  return cross_entropy(adjusted, labels, class_weights)
+
+
+def vector_scaling(logits, labels, class_counts, gamma: float = 0.2, tau: float = 1.0,
+                   class_weights=None):
+  r"""VS loss (Kini et al., 2021): CE of :math:`\Delta \odot z + \iota`,
+  :math:`\Delta_c = (n_c / n_{max})^\gamma`, :math:`\iota_c = \tau \log \pi_c`."""
+  counts = validate_class_counts(class_counts).astype(np.float64)
+  delta = jnp.asarray((counts / counts.max()) ** gamma, logits.dtype)
+  iota = tau * jnp.asarray(log_prior(counts), logits.dtype)
+  return cross_entropy(logits * delta + iota, labels, class_weights)
+
+
+LOSSES = ('ce', 'ldam', 'logit_adjusted', 'vs')
