@@ -24,7 +24,7 @@ def cross_entropy(logits, labels, class_weights=None, normalize_weights: bool = 
   :math:`w_{y_i} \ell_i`.
 
   >>> import jax.numpy as jnp
-  >>> cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3])).round(4).tolist()
+  >>> [round(v, 4) for v in cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3])).tolist()]
   [1.3863, 1.3863]
   """
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

@@ -428,3 +428,28 @@ def test_tail_classes_helper():
   np.testing.assert_array_equal(ssj.example_groups(jnp.array([0, 4, 3, 1]),
                                                    ssj.tail_classes([500, 200, 80, 30, 12], 50)),
                                 [0, 1, 1, 0])
+
+
+def test_static_stage_equals_in_program_switch():
+  """`stage=i` (host-picked, no lax.switch) gives the same trajectory as the count switch."""
+  switch = 2
+  params = init_params(6)
+  batches = [make_batch(s) for s in range(4)]
+  tx = optax.chain(ssj.sse_sam(0.05, 0.1, switch), optax.sgd(0.1, momentum=0.9))
+  want, _ = run_steps(tx, params, batches)
+
+  state, p = tx.init(params), params
+  for s, (x, y) in enumerate(batches):
+    loss_fn = lambda q: per_example_loss(q, x, y)
+    updates, state = tx.update(p, state, p, loss_fn=loss_fn, stage=ssj.stage_at(s, [switch]),
+                               group_ids=ssj.example_groups(y, TAIL))
+    p = optax.apply_updates(p, updates)
+  chex.assert_trees_all_close(p, want, rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match='stage must be'):
+    tx.update(p, state, p, loss_fn=loss_fn, stage=2, group_ids=ssj.example_groups(y, TAIL))
+
+
+def test_stage_at():
+  assert [ssj.stage_at(s, [2, 5]) for s in range(7)] == [0, 0, 1, 1, 1, 2, 2]
+  assert [ssj.stage_at(s, [1, 1]) for s in range(3)] == [0, 2, 2]
+  assert ssj.stage_at(10**6, []) == 0

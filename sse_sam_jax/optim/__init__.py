@@ -5,4 +5,4 @@ from sse_sam_jax.optim.sharpness_aware import (
     NORMALIZATIONS, SharpnessAwareState, group_coefficients, group_sam, imbsam, perturb, sam,
     validate_radius)
 from sse_sam_jax.optim.stage_switch import (
-    StageSwitchState, sam_then_imbsam, sse_sam, stage_switch, switch_step)
+    StageSwitchState, sam_then_imbsam, sse_sam, stage_at, stage_switch, switch_step)

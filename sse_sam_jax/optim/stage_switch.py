@@ -6,6 +6,16 @@ on the step count held in the state, so a jitted training step compiles once
 and switches stage without recompiling. Every stage keeps its own state; the
 transformations chained *after* the switch (weight decay, momentum, ...) see
 one continuous stream of updates, so their state carries across the switch.
+
+**Static stages.** ``update(..., stage=i)`` with a Python int runs stage ``i``
+directly, with no ``lax.switch`` in the program. A trainer that counts steps on
+the host can compile one program per stage ahead of time (two for SSE-SAM) and
+pick by step; the state is the same in both, so it passes between them. Prefer
+this on XLA:CPU, where convolution backward passes inside any control-flow
+region (``lax.cond``/``switch``/``while``) run far slower than at top level (measured:
+a 5-layer conv weight gradient, 0.13 s at top level, 10.7 s inside ``lax.cond``;
+an SSE-SAM ResNet-32 step ~170 s instead of ~5 s). On GPU and TPU the in-program
+switch costs nothing extra.
 """
 
 from __future__ import annotations
@@ -60,7 +70,7 @@ def stage_switch(transforms: Sequence[optax.GradientTransformation],
     return StageSwitchState(count=jnp.zeros([], jnp.int32),
                             stage_states=tuple(t.init(params) for t in transforms))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, stage=None, **extra_args):
     def make_branch(i):
       def branch(operands):
         updates, stage_states, params = operands
@@ -70,8 +80,11 @@ def stage_switch(transforms: Sequence[optax.GradientTransformation],
         return new_updates, stage_states[:i] + (new_state,) + stage_states[i + 1:]
       return branch
 
-    if len(transforms) == 1:
-      new_updates, stage_states = make_branch(0)((updates, state.stage_states, params))
+    if stage is not None or len(transforms) == 1:
+      stage = 0 if stage is None else stage
+      if not isinstance(stage, int) or not 0 <= stage < len(transforms):
+        raise ValueError(f'stage must be a Python int in [0, {len(transforms)}), got {stage!r}.')
+      new_updates, stage_states = make_branch(stage)((updates, state.stage_states, params))
     else:
       index = jnp.sum(state.count >= jnp.asarray(boundaries, jnp.int32)).astype(jnp.int32)
       new_updates, stage_states = jax.lax.switch(
@@ -80,6 +93,11 @@ def stage_switch(transforms: Sequence[optax.GradientTransformation],
     return new_updates, StageSwitchState(optax.safe_increment(state.count), stage_states)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def stage_at(step: int, boundaries: Sequence[int]) -> int:
+  """The stage :func:`stage_switch` runs at ``step`` (host-side, for static stages)."""
+  return int(np.searchsorted(np.asarray(boundaries), step, side='right'))
 
 
 def switch_step(gamma: float, epochs: int, steps_per_epoch: int) -> int:

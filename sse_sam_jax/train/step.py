@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sse_sam_jax.optim import stage_at as optim_stage_at
+
 # (logits, labels, step) -> per-example losses [B]
 PerExampleLoss = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -33,11 +35,12 @@ def init_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainSt
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLoss,
-               class_groups=None):
+               class_groups=None, stage: int | None = None):
   """One optimization step. ``batch`` has ``'x'`` and ``'label'``.
 
   ``class_groups`` (int ``[C]``, head 0 / tail 1) gives every example its group
-  for the group methods. Returns ``(new_state, metrics)``; ``metrics`` holds sums
+  for the group methods. ``stage`` (a Python int) fixes the stage of a
+  :func:`sse_sam_jax.stage_switch` in the chain (see there). Returns ``(new_state, metrics)``; ``metrics`` holds sums
   over the batch (``loss_sum``, ``correct``, ``count``) so that they add up
   across steps and devices, and ``finite`` (False if the loss or the new
   parameters are NaN/Inf).
@@ -59,6 +62,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
   extra = dict(loss_fn=loss_fn, loss_vjp=(losses, vjp_fn), labels=labels)
   if class_groups is not None:
     extra['group_ids'] = jnp.asarray(class_groups)[labels]
+  if stage is not None:
+    extra['stage'] = stage
   updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
   params = optax.apply_updates(state.params, updates)
 
@@ -72,17 +77,53 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
   return new_state, metrics
 
 
-def jit_train_step(model, tx, loss: PerExampleLoss, class_groups=None, *,
-                   state_sharding=None, batch_sharding=None):
-  """``train_step`` jitted once, with the state donated.
+class CompiledTrainStep:
+  """The training step, compiled ahead of time once per (stage, batch shape).
 
-  With shardings (``jax.sharding.NamedSharding``), the batch is split over the
-  mesh's data axis and the state placed as given; the perturbation is computed
-  from the global batch (what one device would compute).
+  ``boundaries`` are the stage switch's step boundaries (``[switch_step]`` for
+  SSE-SAM, ``[]`` otherwise): the host picks the stage from its own step
+  counter, so no step waits on the device. :meth:`precompile` builds every
+  program before training starts; after that ``compiles`` stays fixed, the stage
+  switch included. The state argument is donated.
   """
-  fn = functools.partial(train_step, model=model, tx=tx, loss=loss, class_groups=class_groups)
-  kwargs = {}
-  if state_sharding is not None:
-    kwargs = dict(in_shardings=(state_sharding, batch_sharding),
-                  out_shardings=(state_sharding, None))
-  return jax.jit(fn, donate_argnums=(0,), **kwargs)
+
+  def __init__(self, model, tx, loss: PerExampleLoss, class_groups=None, *,
+               boundaries=(), state_sharding=None, batch_sharding=None):
+    self.boundaries = tuple(int(b) for b in boundaries)
+    self.num_stages = len(self.boundaries) + 1
+    kwargs = {}
+    if state_sharding is not None:
+      kwargs = dict(in_shardings=(state_sharding, batch_sharding),
+                    out_shardings=(state_sharding, None))
+    self._jitted = [
+        jax.jit(functools.partial(train_step, model=model, tx=tx, loss=loss,
+                                  class_groups=class_groups,
+                                  stage=i if self.num_stages > 1 else None),
+                donate_argnums=(0,), **kwargs)
+        for i in range(self.num_stages)]
+    self._executables = {}
+    self.compiles = 0
+
+  def stage_at(self, step: int) -> int:
+    return optim_stage_at(step, self.boundaries)
+
+  def _executable(self, stage: int, state, batch):
+    key = (stage, tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())))
+    if key not in self._executables:
+      self._executables[key] = self._jitted[stage].lower(state, batch).compile()
+      self.compiles += 1
+    return self._executables[key]
+
+  def precompile(self, state, batch_shapes) -> float:
+    """Compiles every stage for every batch shape; returns the seconds it took."""
+    import time
+    t0 = time.perf_counter()
+    state_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), state)
+    for batch in batch_shapes:
+      for stage in range(self.num_stages):
+        self._executable(stage, state_spec, batch)
+    return time.perf_counter() - t0
+
+  def __call__(self, state: TrainState, batch: dict, step: int):
+    """Runs step number ``step`` (a host int: the count of steps done before it)."""
+    return self._executable(self.stage_at(step), state, batch)(state, batch)
