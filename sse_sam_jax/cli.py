@@ -1,0 +1,76 @@
+"""Command line: ``sse-sam-jax train|eval [--config FILE] [--workdir DIR] [key=value ...]``.
+
+``--config`` is a Python file with ``get_config()`` returning an
+``ml_collections.ConfigDict`` (see ``experiments/configs/``); without it, the
+offline long-tailed benchmark. Overrides are dotted keys:
+``optimizer.name=sam optimizer.rho=0.1 epochs=10``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import pathlib
+import sys
+
+from sse_sam_jax.train import config as config_lib
+
+
+def load_config(path: str | None, overrides: list[str]):
+  if path:
+    spec = importlib.util.spec_from_file_location('user_config', path)
+    if spec is None or not pathlib.Path(path).exists():
+      raise SystemExit(f'config file {path} not found')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+  else:
+    c = config_lib.default_config()
+  for item in overrides:
+    key, sep, raw = item.partition('=')
+    if not sep:
+      raise SystemExit(f'override {item!r} is not key=value')
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise SystemExit(f'unknown config key {key!r}')
+    old = node[leaf]
+    if isinstance(old, float) and isinstance(value, int):
+      value = float(value)
+    node[leaf] = value
+  return c
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog='sse-sam-jax', description=__doc__.splitlines()[0])
+  parser.add_argument('command', choices=('train', 'eval'))
+  parser.add_argument('--config', default=None)
+  parser.add_argument('--workdir', default='runs/default')
+  parser.add_argument('--no-progress', action='store_true')
+  parser.add_argument('overrides', nargs='*', help='dotted key=value config overrides')
+  args = parser.parse_intermixed_args(argv)
+  c = load_config(args.config, args.overrides)
+  try:
+    config_lib.validate(c)
+  except ValueError as e:
+    raise SystemExit(str(e))
+  from sse_sam_jax.train import trainer
+  if args.command == 'train':
+    result = trainer.train(c, args.workdir, progress=not args.no_progress)
+  else:
+    result = trainer.evaluate_checkpoint(c, args.workdir)
+  print(result['table'])
+  print(f"results: {pathlib.Path(args.workdir) / 'results.json'}")
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,8 @@
+"""Long-tailed data: profiles, class statistics, sources and the grain pipeline."""
+
+from sse_sam_jax.data.pipeline import BatchSpec, eval_batches, train_batches
+from sse_sam_jax.data.profiles import long_tail_counts, select_long_tail
+from sse_sam_jax.data.sources import (
+    DatasetNotPreparedError, LongTailData, Split, hold_out, make_long_tailed, mnist1d_long_tail,
+    npz_long_tail, tfds_long_tail, tfds_source)
+from sse_sam_jax.data.stats import SHOT_THRESHOLDS, ClassStats

@@ -1,0 +1,93 @@
+"""The grain training pipeline: seeded epochs, batches, augmentation, host sharding, state.
+
+Batch ``s`` of training is a pure function of ``(seed, s)``: epoch ``e = s //
+steps_per_epoch`` is a permutation drawn from ``(seed, e)``, the batch its
+``s % steps_per_epoch``-th slice, and augmentation draws from ``(seed, s)``.
+The grain iterator over step indices therefore restores exactly from its
+state (``get_state``/``set_state``), on any number of workers. On a multi-host
+mesh each process takes its rows of the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import grain
+import numpy as np
+
+from sse_sam_jax.data.sources import Split
+
+# (x_batch, rng) -> augmented x_batch
+BatchAugment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+  batch_size: int
+  drop_remainder: bool = False
+
+  def steps_per_epoch(self, n: int) -> int:
+    if self.batch_size < 1:
+      raise ValueError(f'batch size must be >= 1, got {self.batch_size}.')
+    if self.drop_remainder and n < self.batch_size:
+      raise ValueError(f'{n} examples make no full batch of {self.batch_size}.')
+    return n // self.batch_size if self.drop_remainder else math.ceil(n / self.batch_size)
+
+  def batch_sizes(self, n: int) -> list[int]:
+    """The distinct batch sizes of an epoch (a full one and maybe the remainder)."""
+    sizes = [self.batch_size]
+    if not self.drop_remainder and n % self.batch_size:
+      sizes.append(n % self.batch_size)
+    return sizes
+
+
+class _MakeBatch:
+  """Picklable map: global step index -> batch dict (for grain workers)."""
+
+  def __init__(self, split: Split, spec: BatchSpec, seed: int, augment: BatchAugment | None,
+               process_index: int, process_count: int):
+    self.split, self.spec, self.seed, self.augment = split, spec, seed, augment
+    self.process_index, self.process_count = process_index, process_count
+    self.steps_per_epoch = spec.steps_per_epoch(len(split))
+
+  @functools.lru_cache(maxsize=2)
+  def _permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
+
+  def __call__(self, step: int) -> dict:
+    step = int(step)
+    epoch, b = divmod(step, self.steps_per_epoch)
+    ids = self._permutation(epoch)[b * self.spec.batch_size:(b + 1) * self.spec.batch_size]
+    if len(ids) % self.process_count:
+      raise ValueError(f'batch of {len(ids)} does not split over {self.process_count} hosts.')
+    per_host = len(ids) // self.process_count
+    ids = ids[self.process_index * per_host:(self.process_index + 1) * per_host]
+    x = self.split.x[ids]
+    if self.augment is not None:
+      x = self.augment(x, np.random.default_rng([self.seed, 1 << 20, step]))
+    return {'x': x, 'label': self.split.label[ids], 'step': np.int64(step)}
+
+
+def train_batches(split: Split, spec: BatchSpec, *, num_epochs: int, seed: int,
+                  augment: BatchAugment | None = None, num_workers: int = 0,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """A grain ``IterDataset`` of all training batches; ``iter()`` it and keep its state."""
+  make = _MakeBatch(split, spec, seed, augment, process_index, process_count)
+  ds = grain.MapDataset.range(num_epochs * make.steps_per_epoch).map(make).to_iter_dataset()
+  if num_workers > 0:
+    from absl import flags  # grain's worker processes read absl flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return ds
+
+
+def eval_batches(split: Split, batch_size: int, transform=None):
+  """Deterministic evaluation batches (in order, last one partial)."""
+  for start in range(0, len(split), batch_size):
+    x = split.x[start:start + batch_size]
+    yield {'x': x if transform is None else transform(x),
+           'label': split.label[start:start + batch_size]}

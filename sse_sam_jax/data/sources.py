@@ -1,0 +1,228 @@
+"""Data sources: TFDS (``tfds.data_source``), arrays (``.npz``) and the offline MNIST-1D-LT.
+
+A source here is a :class:`Split`: in-memory ``x`` and integer ``label`` arrays
+plus a name. CIFAR-sized long-tailed training sets (12k-11k images) and
+MNIST-1D fit in memory, so they are read once through random access and kept
+as arrays; batches are then gathered by index in the grain pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+
+from sse_sam_jax.data import profiles
+
+
+class DatasetNotPreparedError(RuntimeError):
+  """The dataset is not on disk; the message says how to prepare it."""
+
+
+@dataclasses.dataclass
+class Split:
+  x: np.ndarray
+  label: np.ndarray
+  num_classes: int
+  name: str = ''
+
+  def __post_init__(self):
+    self.label = np.asarray(self.label)
+    if not np.issubdtype(self.label.dtype, np.integer):
+      raise ValueError(f'{self.name}: labels must be integers, got {self.label.dtype}.')
+    self.label = self.label.astype(np.int32)
+    if len(self.x) != len(self.label):
+      raise ValueError(f'{self.name}: {len(self.x)} inputs but {len(self.label)} labels.')
+    if len(self.label) == 0:
+      raise ValueError(f'{self.name}: the split is empty.')
+    if self.label.min() < 0 or self.label.max() >= self.num_classes:
+      raise ValueError(f'{self.name}: labels must lie in [0, {self.num_classes}); found '
+                       f'{self.label.min()}..{self.label.max()}.')
+
+  def __len__(self):
+    return len(self.label)
+
+  def subset(self, indices, name=None) -> 'Split':
+    return Split(self.x[indices], self.label[indices], self.num_classes, name or self.name)
+
+
+@dataclasses.dataclass
+class LongTailData:
+  """Train (long-tailed), validation (held out from train) and test (balanced) splits."""
+  train: Split
+  test: Split
+  val: Split | None = None
+  dataset: str = ''
+
+
+def make_long_tailed(train: Split, imbalance_factor: float, *, profile: str = 'exp',
+                     selection: str = 'shuffle', seed: int = 0, n_max: int | None = None) -> Split:
+  """Subsamples a (roughly) balanced split to a long-tailed profile."""
+  available = np.bincount(train.label, minlength=train.num_classes)
+  empty = np.flatnonzero(available == 0)
+  if empty.size:
+    raise ValueError(f'{train.name}: classes {empty.tolist()} have no example.')
+  n_max = int(available.min() if n_max is None else n_max)
+  counts = profiles.long_tail_counts(n_max, train.num_classes, imbalance_factor, profile)
+  idx = profiles.select_long_tail(train.label, counts, selection=selection, seed=seed)
+  return train.subset(idx, f'{train.name}-LT{imbalance_factor:g}')
+
+
+def hold_out(train: Split, fraction: float, seed: int = 0) -> tuple[Split, Split | None]:
+  """Splits off ``fraction`` of every class (at least one example, never a class's last)."""
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f'validation fraction must lie in [0, 1), got {fraction}.')
+  if fraction == 0.0:
+    return train, None
+  rng = np.random.RandomState(seed)
+  keep, val = [], []
+  for c in range(train.num_classes):
+    idx = np.flatnonzero(train.label == c)
+    rng.shuffle(idx)
+    n_val = min(max(1, int(round(fraction * len(idx)))), len(idx) - 1)
+    val.append(idx[:n_val])
+    keep.append(idx[n_val:])
+  return (train.subset(np.sort(np.concatenate(keep))),
+          train.subset(np.sort(np.concatenate(val)), train.name + '-val'))
+
+
+# ----------------------------------------------------------------------------
+# TFDS
+# ----------------------------------------------------------------------------
+def _prepare_instructions(name: str, data_dir) -> str:
+  where = f' --data_dir={data_dir}' if data_dir else ''
+  manual = ''
+  if name in ('imagenet2012', 'i_naturalist2018'):
+    manual = (f' This dataset needs its archives downloaded by hand first; put them in '
+              f'<data_dir>/downloads/manual and add --manual_dir=<that folder>.')
+  return (f'TFDS dataset {name!r} is not prepared{" in " + str(data_dir) if data_dir else ""}. '
+          f'Prepare it once, in array_record format (random access), with:\n'
+          f'  tfds build {name}{where} --file_format=array_record\n'
+          f'{manual} Then pass the same data_dir (config data.data_dir or $TFDS_DATA_DIR).')
+
+
+def tfds_source(name: str, split: str, data_dir=None):
+  """``tfds.data_source`` with no download attempt; a clear error if not prepared."""
+  import tensorflow_datasets as tfds
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # tfds raises several types here; all mean "not usable as is"
+    raise DatasetNotPreparedError(_prepare_instructions(name, data_dir) +
+                                  f'\n(tfds said: {type(e).__name__}: {str(e)[:300]})') from e
+
+
+def read_split(source, indices=None, image_key='image', label_key='label', num_classes=None,
+               name='') -> Split:
+  """Reads items one by one (random access) into arrays."""
+  indices = range(len(source)) if indices is None else indices
+  xs, ys = [], []
+  for i in indices:
+    item = source[int(i)]
+    xs.append(np.asarray(item[image_key]))
+    ys.append(int(item[label_key]))
+  return Split(np.stack(xs), np.asarray(ys), num_classes or (max(ys) + 1), name)
+
+
+TFDS_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet2012': 1000, 'i_naturalist2018': 8142}
+
+
+def tfds_long_tail(name: str, imbalance_factor: float, *, data_dir=None, profile='exp',
+                   selection='shuffle', seed=0, val_fraction=0.0) -> LongTailData:
+  """CIFAR-10/100-LT (or any small TFDS classification set) as in LDAM-DRW."""
+  num_classes = TFDS_CLASSES.get(name)
+  train_src = tfds_source(name, 'train', data_dir)
+  test_src = tfds_source(name, 'test', data_dir)
+  train = read_split(train_src, num_classes=num_classes, name=name)
+  train = make_long_tailed(train, imbalance_factor, profile=profile, selection=selection,
+                           seed=seed)
+  train, val = hold_out(train, val_fraction, seed)
+  test = read_split(test_src, num_classes=train.num_classes, name=name + '-test')
+  return LongTailData(train, test, val, name)
+
+
+def read_split_list(path) -> tuple[list[str], np.ndarray]:
+  """An ImageNet-LT style list file: ``<relative/path/name.JPEG> <label>`` per line."""
+  names, labels = [], []
+  for n, line in enumerate(pathlib.Path(path).read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    parts = line.split()
+    if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
+      raise ValueError(f'{path}:{n}: expected "<image path> <label>", got {line!r}.')
+    names.append(pathlib.PurePosixPath(parts[0]).name)
+    labels.append(int(parts[1]))
+  return names, np.asarray(labels, np.int64)
+
+
+def indices_for_list(source, file_names, file_key='file_name') -> np.ndarray:
+  """Positions in a TFDS source of the images a split list names; errors on unknown ones."""
+  position = {}
+  for i in range(len(source)):
+    key = source[i][file_key]
+    key = key.decode() if isinstance(key, bytes) else str(key)
+    position[pathlib.PurePosixPath(key).name] = i
+  missing = [f for f in file_names if f not in position]
+  if missing:
+    raise ValueError(f'{len(missing)} images in the split list are not in the dataset, '
+                     f'e.g. {missing[:3]}.')
+  return np.asarray([position[f] for f in file_names])
+
+
+# ----------------------------------------------------------------------------
+# Bring your own arrays
+# ----------------------------------------------------------------------------
+def npz_long_tail(path, imbalance_factor: float | None = None, *, num_classes=None,
+                  x_key='x', label_key='y', test_path=None, test_fraction=0.2, seed=0,
+                  val_fraction=0.0, profile='exp', selection='shuffle') -> LongTailData:
+  """An ``.npz`` with inputs and labels; optional LT subsampling (``imbalance_factor``)."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'{path} does not exist (expected an .npz with arrays '
+                            f'{x_key!r} and {label_key!r}).')
+  data = np.load(path)
+  labels = data[label_key]
+  num_classes = num_classes or int(labels.max()) + 1
+  full = Split(data[x_key], labels, num_classes, path.stem)
+  if test_path is not None:
+    t = np.load(test_path)
+    train, test = full, Split(t[x_key], t[label_key], num_classes, path.stem + '-test')
+  else:
+    train, test = hold_out(full, test_fraction, seed + 1)
+  if imbalance_factor is not None:
+    train = make_long_tailed(train, imbalance_factor, profile=profile, selection=selection,
+                             seed=seed)
+  train, val = hold_out(train, val_fraction, seed)
+  return LongTailData(train, test, val, path.stem)
+
+
+# ----------------------------------------------------------------------------
+# Offline benchmark: MNIST-1D-LT
+# ----------------------------------------------------------------------------
+def mnist1d_long_tail(*, iid_noise_scale: float = 0.07, imbalance_factor: float = 100.0,
+                      num_samples: int = 62500, seed: int = 42, n_max: int = 5000,
+                      selection_seed: int = 0, val_fraction: float = 0.0,
+                      standardize: bool = True) -> LongTailData:
+  """MNIST-1D generated offline (``mnist1d.data.make_dataset``), made long-tailed.
+
+  Defaults are the offline benchmark (setting B of ``shared/offline_benchmark.md``):
+  62,500 samples with seed 42 (50,000 train / 12,500 test, length 40), the
+  LDAM-DRW profile with IF 100 and ``n_max`` 5000 (12,406 train examples),
+  inputs standardised by the scalar mean/std of the long-tailed train set.
+  ``iid_noise_scale=0.02`` is setting A (saturated). ``val_fraction`` holds out a
+  validation split from the long-tailed train set (default 0: as the reference).
+  """
+  from mnist1d.data import get_dataset_args, make_dataset
+  args = get_dataset_args()
+  args.num_samples, args.seed, args.iid_noise_scale = num_samples, seed, iid_noise_scale
+  raw = make_dataset(args)  # procedural, no download
+  train = Split(raw['x'].astype(np.float32), raw['y'], 10, 'mnist1d')
+  test = Split(raw['x_test'].astype(np.float32), raw['y_test'], 10, 'mnist1d-test')
+  train = make_long_tailed(train, imbalance_factor, seed=selection_seed, n_max=n_max)
+  train, val = hold_out(train, val_fraction, selection_seed)
+  if standardize:
+    mean, std = float(train.x.mean()), float(train.x.std())
+    for s in (train, test, val):
+      if s is not None:
+        s.x = ((s.x - mean) / std).astype(np.float32)
+  return LongTailData(train, test, val, 'mnist1d')

@@ -1,0 +1,59 @@
+"""Orbax checkpoints: train state + data-iterator state + metadata; last N and best.
+
+Orbax writes each checkpoint to a temporary folder and renames it when
+complete, so a run killed mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+  """``last/`` keeps the newest ``keep`` checkpoints; ``best/`` the best by a metric."""
+
+  def __init__(self, workdir, keep: int = 2):
+    root = pathlib.Path(workdir).absolute() / 'checkpoints'
+    self.last = ocp.CheckpointManager(
+        root / 'last', options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_names=('state', 'data', 'meta'))
+    self.best = ocp.CheckpointManager(
+        root / 'best', options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, best_fn=lambda m: m['score'], best_mode='max'),
+        item_names=('state', 'data', 'meta'))
+
+  @staticmethod
+  def _args(state, data_state, meta):
+    return ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
+
+  def save(self, step: int, state, data_state: dict, meta: dict, score: float | None = None):
+    self.last.save(step, args=self._args(state, data_state, meta), force=True)
+    if score is not None:
+      self.best.save(step, args=self._args(state, data_state, meta),
+                     metrics={'score': float(score)}, force=True)
+
+  def latest_step(self):
+    return self.last.latest_step()
+
+  def restore(self, abstract_state, step=None, which='last'):
+    manager = self.last if which == 'last' else self.best
+    step = manager.latest_step() if step is None else step
+    if which == 'best' and step is None:
+      step = manager.best_step()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return restored['state'], restored['data'], restored['meta']
+
+  def wait(self):
+    self.last.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self):
+    self.last.close()
+    self.best.close()

@@ -1,0 +1,299 @@
+"""The trainer: data -> grain pipeline -> one jitted sharded step -> metrics, checkpoints.
+
+``train(config, workdir)`` is the whole loop. Read top to bottom: build the
+data and its class statistics, validate everything against them, build the
+model, loss and optimizer, compile every program the run needs, then loop
+over epochs. Nothing inside the loop waits on the device except the metric
+reads every ``log_every_steps`` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import sse_sam_jax.optim as ssj
+from sse_sam_jax import data as data_lib
+from sse_sam_jax import losses as losses_lib
+from sse_sam_jax import models
+from sse_sam_jax.data import augment as augment_lib
+from sse_sam_jax.train import config as config_lib
+from sse_sam_jax.train import evaluate as eval_lib
+from sse_sam_jax.train import schedules
+from sse_sam_jax.train.checkpointing import Checkpoints
+from sse_sam_jax.train.step import CompiledTrainStep, init_state
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced NaN/Inf; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------
+# Builders
+# ----------------------------------------------------------------------------
+def build_data(c) -> data_lib.LongTailData:
+  d = c.data
+  if d.name == 'mnist1d':
+    return data_lib.mnist1d_long_tail(iid_noise_scale=d.iid_noise_scale,
+                                      imbalance_factor=d.imbalance_factor,
+                                      val_fraction=d.val_fraction)
+  if d.name in ('cifar10', 'cifar100'):
+    lt = data_lib.tfds_long_tail(d.name, d.imbalance_factor, data_dir=d.data_dir or None,
+                                 profile=d.profile, selection=d.selection,
+                                 val_fraction=d.val_fraction)
+    for s in (lt.train, lt.test, lt.val):
+      if s is not None and s.x.dtype == np.uint8:
+        s.x = augment_lib.normalize_images(s.x)
+    return lt
+  if d.name == 'npz':
+    return data_lib.npz_long_tail(d.npz_path, d.imbalance_factor if d.imbalance_factor > 1 else None,
+                                  val_fraction=d.val_fraction, profile=d.profile,
+                                  selection=d.selection)
+  raise ValueError(f'unknown dataset {d.name!r}')
+
+
+def class_stats(c, train: data_lib.Split) -> data_lib.ClassStats:
+  many, few = data_lib.SHOT_THRESHOLDS.get(c.data.shots, data_lib.SHOT_THRESHOLDS['default'])
+  return data_lib.ClassStats.from_labels(train.label, train.num_classes, many_above=many,
+                                         few_below=few)
+
+
+def build_loss(c, stats: data_lib.ClassStats, steps_per_epoch: int):
+  """Per-example loss ``(logits, labels, step) -> [B]``; DRW switches on by step."""
+  l = c.loss
+  weights = None
+  if l.drw_epoch >= 0:
+    cb = jnp.asarray(losses_lib.class_balanced_weights(stats.counts, l.drw_beta))
+    drw_step = int(l.drw_epoch) * steps_per_epoch
+    weights = lambda step: jnp.where(step >= drw_step, cb, jnp.ones_like(cb))
+  margins = losses_lib.ldam_margins(stats.counts, l.ldam_max_margin)
+
+  def loss(logits, labels, step):
+    w = None if weights is None else weights(step)
+    if l.name == 'ce':
+      return losses_lib.cross_entropy(logits, labels, w)
+    if l.name == 'ldam':
+      return losses_lib.ldam(logits, labels, margins, l.ldam_scale, w)
+    if l.name == 'logit_adjusted':
+      return losses_lib.logit_adjusted(logits, labels, stats.counts, l.tau, w)
+    if l.name == 'vs':
+      return losses_lib.vector_scaling(logits, labels, stats.counts, l.vs_gamma, l.tau, w)
+    raise ValueError(l.name)
+  return loss
+
+
+def build_optimizer(c, steps_per_epoch: int):
+  """Returns ``(tx, stage boundaries)``; the SAM family first, then wd and momentum SGD."""
+  o = c.optimizer
+  lr = schedules.make(o.schedule, o.lr, c.epochs, steps_per_epoch,
+                      **({'warmup_epochs': o.warmup_epochs} if o.schedule == 'ldam_step' else {}))
+  switch = ssj.switch_step(o.gamma, c.epochs, steps_per_epoch)
+  group_kw = dict(normalization=o.normalization, tail_weight=o.tail_weight)
+  direction, boundaries = {
+      'sgd': (None, []),
+      'sam': (lambda: ssj.sam(o.rho), []),
+      'imbsam': (lambda: ssj.imbsam(o.tail_rho, **group_kw), []),
+      'group_sam': (lambda: ssj.group_sam((o.head_rho, o.tail_rho), normalization=o.normalization,
+                                          group_weights=(1.0, o.tail_weight)), []),
+      'sse_sam': (lambda: ssj.sse_sam(o.head_rho, o.tail_rho, switch, **group_kw), [switch]),
+      'sam_then_imbsam': (lambda: ssj.sam_then_imbsam(o.rho, o.tail_rho, switch, **group_kw),
+                          [switch]),
+  }[o.name]
+  parts = [direction()] if direction else []
+  parts += [optax.add_decayed_weights(o.weight_decay), optax.sgd(lr, momentum=o.momentum)]
+  return optax.chain(*parts), boundaries
+
+
+def make_mesh(num_devices: int = 0):
+  devices = jax.devices()
+  n = num_devices or len(devices)
+  if n > len(devices):
+    raise ValueError(f'asked for {n} devices, {len(devices)} available.')
+  return jax.make_mesh((n,), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices[:n])
+
+
+# ----------------------------------------------------------------------------
+# Logging
+# ----------------------------------------------------------------------------
+class MetricLog:
+  """JSON lines + TensorBoard."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.path = workdir / 'metrics.jsonl'
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(str(workdir / 'tensorboard'))
+
+  def write(self, step: int, **scalars):
+    with self.path.open('a') as f:
+      f.write(json.dumps({'step': step, **scalars}) + '\n')
+    for k, v in scalars.items():
+      if isinstance(v, (int, float)) and math.isfinite(v):
+        self.tb.add_scalar(k, v, step)
+    self.tb.flush()
+
+
+def plot_per_class(per_class, counts, path, title=''):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.scatter(counts, 100 * np.asarray(per_class, float))
+  ax.set_xscale('log')
+  ax.set_xlabel('training examples of the class')
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------
+def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = None) -> dict:
+  """Trains from ``c`` in ``workdir`` (resuming from its last checkpoint) and evaluates.
+
+  ``stop_after_steps`` stops early (as if killed) after that many steps; for tests.
+  Returns the final metrics (test, and val if held out).
+  """
+  config_lib.validate(c)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  lt = build_data(c)
+  stats = class_stats(c, lt.train)
+  class_groups = None
+  if c.optimizer.name not in ('sgd', 'sam'):
+    class_groups = stats.class_groups(c.optimizer.eta)  # raises if no head or no tail class
+  spec = data_lib.BatchSpec(c.data.batch_size, c.data.drop_remainder)
+  steps_per_epoch = spec.steps_per_epoch(len(lt.train))
+  total_steps = c.epochs * steps_per_epoch
+
+  mesh = make_mesh(c.num_devices)
+  n_dev = mesh.devices.size
+  bad = [b for b in spec.batch_sizes(len(lt.train)) if b % n_dev]
+  if bad:
+    raise ValueError(f'batch sizes {bad} do not divide over {n_dev} devices; set '
+                     'data.drop_remainder=True or a batch size divisible by the device count.')
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+
+  model_kw = dict(normed_classifier=c.model.normed_classifier)
+  if c.model.name == 'mlp':
+    model_kw['in_features'] = int(np.prod(lt.train.x.shape[1:]))
+  model, params, batch_stats = models.create(c.model.name, lt.train.num_classes, seed=c.seed,
+                                             **model_kw)
+  loss = build_loss(c, stats, steps_per_epoch)
+  tx, boundaries = build_optimizer(c, steps_per_epoch)
+  state = jax.device_put(init_state(params, batch_stats, tx), replicated)
+  train_step = CompiledTrainStep(model, tx, loss, class_groups, boundaries=boundaries,
+                                 state_sharding=replicated, batch_sharding=batch_sharding)
+
+  checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
+  start_step = 0
+  if checkpoints.latest_step() is not None:
+    state, data_state, meta = checkpoints.restore(state)
+    start_step = int(data_state['next_index'])
+    assert start_step == int(state.step), (start_step, int(state.step))
+    print(f'Resumed from step {start_step} (epoch {start_step // steps_per_epoch}).')
+
+  augment = augment_lib.pad_crop_flip if c.data.augment else None
+  batches = data_lib.train_batches(lt.train, spec, num_epochs=c.epochs, seed=c.seed,
+                                   augment=augment, num_workers=c.data.num_workers)
+  batch_iter = iter(batches)
+  if start_step:
+    batch_iter.set_state({'next_index': start_step})
+
+  x_spec = jax.ShapeDtypeStruct((1,) + lt.train.x.shape[1:], np.float32)
+  shapes = [{'x': jax.ShapeDtypeStruct((b,) + x_spec.shape[1:], x_spec.dtype, sharding=batch_sharding),
+             'label': jax.ShapeDtypeStruct((b,), np.int32, sharding=batch_sharding)}
+            for b in spec.batch_sizes(len(lt.train))]
+  compile_s = train_step.precompile(state, shapes)
+  predict = eval_lib.make_predict(model, c.eval.flip_tta)
+  log = MetricLog(workdir)
+  print(f'{c.data.name}: {len(lt.train)} train examples, class counts '
+        f'{stats.counts.min()}..{stats.counts.max()}, {steps_per_epoch} steps/epoch; '
+        f'{c.optimizer.name}, {n_dev} device(s); {train_step.compiles} program(s) compiled '
+        f'in {compile_s:.1f}s.')
+
+  def evaluate(split):
+    return eval_lib.evaluate(predict, state.params, state.batch_stats, split, stats,
+                             c.eval.batch_size)
+
+  from tqdm.auto import tqdm
+  step = start_step
+  pending = []
+  t_start = time.perf_counter()
+  while step < total_steps:
+    epoch = step // steps_per_epoch
+    epoch_end = (epoch + 1) * steps_per_epoch
+    bar = tqdm(total=steps_per_epoch, initial=step - epoch * steps_per_epoch,
+               desc=f'epoch {epoch + 1}/{c.epochs}', disable=not progress, leave=False)
+    while step < epoch_end:
+      batch = next(batch_iter)
+      assert int(batch['step']) == step
+      device_batch = jax.device_put({'x': batch['x'].astype(np.float32),
+                                     'label': batch['label'].astype(np.int32)}, batch_sharding)
+      state, metrics = train_step(state, device_batch, step)
+      pending.append(metrics)
+      step += 1
+      bar.update(1)
+      if len(pending) >= c.log_every_steps or step == epoch_end:
+        summed = jax.device_get(pending)  # the only host sync of the loop
+        pending = []
+        if not all(bool(m['finite']) for m in summed):
+          checkpoints.wait()
+          raise NonFiniteLossError(
+              f'non-finite loss or parameters before step {step}; stopped. The last good '
+              f'checkpoint (step {checkpoints.latest_step()}) is kept in {workdir}. Lower '
+              'the learning rate or the radius.')
+        n = sum(int(m['count']) for m in summed)
+        train_loss = sum(float(m['loss_sum']) for m in summed) / n
+        train_acc = sum(int(m['correct']) for m in summed) / n
+        bar.set_postfix(loss=f'{train_loss:.4f}', acc=f'{100 * train_acc:.1f}')
+        log.write(step, train_loss=train_loss, train_accuracy=train_acc, epoch=epoch + 1)
+      if stop_after_steps is not None and step >= stop_after_steps:
+        break
+    bar.close()
+    if stop_after_steps is not None and step >= stop_after_steps:
+      checkpoints.wait()
+      checkpoints.close()
+      return {'stopped_at': step}
+
+    done_epochs = step // steps_per_epoch
+    last = step >= total_steps
+    score, scalars = None, {}
+    if last or done_epochs % c.eval.every_epochs == 0:
+      for split_name, split in (('val', lt.val), ('test', lt.test)):
+        if split is not None:
+          m = evaluate(split)
+          scalars.update({f'{split_name}_{k}': m[k] for k in ('all', 'many', 'medium', 'few')})
+      if c.eval.select_on != 'none':
+        score = scalars.get(f'{c.eval.select_on}_all')
+      log.write(step, **scalars)
+    if last or done_epochs % c.checkpoint.every_epochs == 0:
+      checkpoints.save(step, state, batch_iter.get_state(),
+                       {'epoch': done_epochs, **{k: float(v) for k, v in scalars.items()}}, score)
+
+  checkpoints.wait()
+  checkpoints.close()
+  train_seconds = time.perf_counter() - t_start
+  result = {'config': c.to_dict(), 'train_seconds': train_seconds,
+            'class_counts': stats.counts.tolist()}
+  for split_name, split in (('val', lt.val), ('test', lt.test)):
+    if split is not None:
+      result[split_name] = evaluate(split)
+  result['table'] = eval_lib.format_table({c.optimizer.name: result['test']})
+  (workdir / 'results.json').write_text(json.dumps(result, indent=1))
+  plot_per_class(result['test']['per_class'], stats.counts, workdir / 'per_class_accuracy.png',
+                 f'{c.data.name}, {c.optimizer.name}')
+  return result
