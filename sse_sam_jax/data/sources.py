@@ -113,13 +113,18 @@ def tfds_source(name: str, split: str, data_dir=None):
 
 
 def read_split(source, indices=None, image_key='image', label_key='label', num_classes=None,
-               name='') -> Split:
-  """Reads items one by one (random access) into arrays."""
+               name='', transform=None) -> Split:
+  """Reads items one by one (random access) into arrays.
+
+  ``transform`` maps each image to a fixed shape (needed for ImageNet/iNaturalist,
+  whose images vary in size), e.g. ``augment.center_crop_resize``.
+  """
   indices = range(len(source)) if indices is None else indices
   xs, ys = [], []
   for i in indices:
     item = source[int(i)]
-    xs.append(np.asarray(item[image_key]))
+    image = np.asarray(item[image_key])
+    xs.append(image if transform is None else transform(image))
     ys.append(int(item[label_key]))
   return Split(np.stack(xs), np.asarray(ys), num_classes or (max(ys) + 1), name)
 
@@ -147,7 +152,7 @@ def read_split_list(path) -> tuple[list[str], np.ndarray]:
   for n, line in enumerate(pathlib.Path(path).read_text().splitlines(), 1):
     if not line.strip():
       continue
-    parts = line.split()
+    parts = line.strip().rsplit(None, 1)  # the label is the last token; paths may hold spaces
     if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
       raise ValueError(f'{path}:{n}: expected "<image path> <label>", got {line!r}.')
     names.append(pathlib.PurePosixPath(parts[0]).name)

@@ -25,7 +25,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.epochs = 40
   c.data = ml_collections.ConfigDict(dict(
       name='mnist1d', imbalance_factor=100.0, profile='exp', selection='shuffle',
-      iid_noise_scale=0.07, val_fraction=0.0, data_dir='', npz_path='',
+      iid_noise_scale=0.07, num_samples=62500, n_max=5000, val_fraction=0.0, data_dir='', npz_path='',
       batch_size=128, drop_remainder=False, num_workers=0, augment=False, shots='mnist1d'))
   c.model = ml_collections.ConfigDict(dict(name='conv1d', normed_classifier=False))
   c.loss = ml_collections.ConfigDict(dict(

@@ -9,6 +9,7 @@ reads every ``log_every_steps`` steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -44,6 +45,7 @@ def build_data(c) -> data_lib.LongTailData:
   if d.name == 'mnist1d':
     return data_lib.mnist1d_long_tail(iid_noise_scale=d.iid_noise_scale,
                                       imbalance_factor=d.imbalance_factor,
+                                      num_samples=d.num_samples, n_max=d.n_max,
                                       val_fraction=d.val_fraction)
   if d.name in ('cifar10', 'cifar100'):
     lt = data_lib.tfds_long_tail(d.name, d.imbalance_factor, data_dir=d.data_dir or None,
@@ -140,6 +142,9 @@ class MetricLog:
         self.tb.add_scalar(k, v, step)
     self.tb.flush()
 
+  def close(self):
+    self.tb.close()
+
 
 def plot_per_class(per_class, counts, path, title=''):
   import matplotlib
@@ -160,16 +165,27 @@ def plot_per_class(per_class, counts, path, title=''):
 # ----------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------
-def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = None) -> dict:
-  """Trains from ``c`` in ``workdir`` (resuming from its last checkpoint) and evaluates.
+@dataclasses.dataclass
+class Run:
+  """Everything a run is built from, before anything compiles."""
+  data: data_lib.LongTailData
+  stats: data_lib.ClassStats
+  class_groups: np.ndarray | None
+  spec: data_lib.BatchSpec
+  steps_per_epoch: int
+  mesh: jax.sharding.Mesh
+  replicated: NamedSharding
+  batch_sharding: NamedSharding
+  model: models.FunctionalModel
+  state: object
+  loss: object
+  tx: optax.GradientTransformation
+  boundaries: list
 
-  ``stop_after_steps`` stops early (as if killed) after that many steps; for tests.
-  Returns the final metrics (test, and val if held out).
-  """
+
+def prepare(c) -> Run:
+  """Data, class statistics, checks against them, model, loss, optimizer, initial state."""
   config_lib.validate(c)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-
   lt = build_data(c)
   stats = class_stats(c, lt.train)
   class_groups = None
@@ -177,7 +193,6 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
     class_groups = stats.class_groups(c.optimizer.eta)  # raises if no head or no tail class
   spec = data_lib.BatchSpec(c.data.batch_size, c.data.drop_remainder)
   steps_per_epoch = spec.steps_per_epoch(len(lt.train))
-  total_steps = c.epochs * steps_per_epoch
 
   mesh = make_mesh(c.num_devices)
   n_dev = mesh.devices.size
@@ -195,8 +210,48 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   loss = build_loss(c, stats, steps_per_epoch)
   tx, boundaries = build_optimizer(c, steps_per_epoch)
   state = jax.device_put(init_state(params, batch_stats, tx), replicated)
-  train_step = CompiledTrainStep(model, tx, loss, class_groups, boundaries=boundaries,
-                                 state_sharding=replicated, batch_sharding=batch_sharding)
+  return Run(lt, stats, class_groups, spec, steps_per_epoch, mesh, replicated, batch_sharding,
+             model, state, loss, tx, boundaries)
+
+
+def evaluate_checkpoint(c, workdir, which: str = 'best') -> dict:
+  """Evaluates the best (else the last) checkpoint of ``workdir`` on val and test."""
+  run = prepare(c)
+  checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
+  if which == 'best' and checkpoints.best.latest_step() is None:
+    which = 'last'
+  if checkpoints.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint in {pathlib.Path(workdir) / "checkpoints"}.')
+  state, _, meta = checkpoints.restore(run.state, which=which)
+  checkpoints.close()
+  predict = eval_lib.make_predict(run.model, c.eval.flip_tta)
+  result = {'checkpoint': which, 'step': int(state.step), 'meta': meta}
+  for name, split in (('val', run.data.val), ('test', run.data.test)):
+    if split is not None:
+      result[name] = eval_lib.evaluate(predict, state.params, state.batch_stats, split,
+                                       run.stats, c.eval.batch_size)
+  result['table'] = eval_lib.format_table({f'{c.optimizer.name} ({which})': result['test']})
+  return result
+
+
+def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = None) -> dict:
+  """Trains from ``c`` in ``workdir`` (resuming from its last checkpoint) and evaluates.
+
+  ``stop_after_steps`` stops early (as if killed) after that many steps; for tests.
+  Returns the final metrics (test, and val if held out).
+  """
+  config_lib.validate(c)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  run = prepare(c)
+  lt, stats, spec = run.data, run.stats, run.spec
+  steps_per_epoch, total_steps = run.steps_per_epoch, c.epochs * run.steps_per_epoch
+  state, model = run.state, run.model
+  replicated, batch_sharding = run.replicated, run.batch_sharding
+  n_dev = run.mesh.devices.size
+  train_step = CompiledTrainStep(model, run.tx, run.loss, run.class_groups,
+                                 boundaries=run.boundaries, state_sharding=replicated,
+                                 batch_sharding=batch_sharding)
 
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
   start_step = 0
@@ -252,6 +307,8 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
         pending = []
         if not all(bool(m['finite']) for m in summed):
           checkpoints.wait()
+          checkpoints.close()
+          log.close()
           raise NonFiniteLossError(
               f'non-finite loss or parameters before step {step}; stopped. The last good '
               f'checkpoint (step {checkpoints.latest_step()}) is kept in {workdir}. Lower '
@@ -267,6 +324,7 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
     if stop_after_steps is not None and step >= stop_after_steps:
       checkpoints.wait()
       checkpoints.close()
+      log.close()
       return {'stopped_at': step}
 
     done_epochs = step // steps_per_epoch
@@ -286,6 +344,7 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
 
   checkpoints.wait()
   checkpoints.close()
+  log.close()
   train_seconds = time.perf_counter() - t_start
   result = {'config': c.to_dict(), 'train_seconds': train_seconds,
             'class_counts': stats.counts.tolist()}
@@ -296,4 +355,5 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   (workdir / 'results.json').write_text(json.dumps(result, indent=1))
   plot_per_class(result['test']['per_class'], stats.counts, workdir / 'per_class_accuracy.png',
                  f'{c.data.name}, {c.optimizer.name}')
+  result['state'] = state  # not in results.json
   return result

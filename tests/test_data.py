@@ -1,0 +1,198 @@
+"""Long-tailed data: profiles, exact counts, TFDS mock sources, errors, pipeline determinism."""
+
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from sse_sam_jax import data
+from sse_sam_jax.data import augment, profiles, sources
+
+
+def test_exact_lt_counts():
+  c10 = profiles.long_tail_counts(5000, 10, 100)
+  assert c10 == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+  assert sum(c10) == 12406
+  assert sum(profiles.long_tail_counts(500, 100, 100)) == 10847
+  assert profiles.long_tail_counts(100, 4, 10, 'step') == [100, 100, 10, 10]
+  assert profiles.long_tail_counts(100, 3, 1) == [100, 100, 100]
+
+
+@pytest.mark.parametrize('bad', [0.5, 0.0, -3])
+def test_imbalance_factor_below_one(bad):
+  with pytest.raises(ValueError, match='imbalance factor must be >= 1'):
+    profiles.long_tail_counts(100, 10, bad)
+
+
+def test_select_long_tail_ldam_rule():
+  labels = np.repeat(np.arange(3), 10)
+  idx = profiles.select_long_tail(labels, [10, 5, 2], seed=0)
+  rng = np.random.RandomState(0)
+  want = []
+  for c, n in enumerate([10, 5, 2]):
+    ids = np.flatnonzero(labels == c)
+    rng.shuffle(ids)
+    want.append(ids[:n])
+  np.testing.assert_array_equal(idx, np.concatenate(want))
+  first = profiles.select_long_tail(labels, [10, 5, 2], selection='first')
+  np.testing.assert_array_equal(first, np.r_[0:10, 10:15, 20:22])
+  with pytest.raises(ValueError, match='fewer than'):
+    profiles.select_long_tail(labels, [11, 5, 2])
+
+
+def test_class_stats_groups_and_errors():
+  stats = data.ClassStats(np.array([5000, 900, 150, 50]), many_above=1000, few_below=200)
+  g = stats.shot_groups()
+  assert g['many'].tolist() == [True, False, False, False]
+  assert g['medium'].tolist() == [False, True, False, False]
+  assert g['few'].tolist() == [False, False, True, True]
+  assert stats.class_groups(1000).tolist() == [0, 1, 1, 1]
+  with pytest.raises(ValueError, match='no tail'):
+    stats.class_groups(10)
+  with pytest.raises(ValueError, match='no head'):
+    stats.class_groups(10**6)
+  with pytest.raises(ValueError, match='no training example'):
+    data.ClassStats.from_labels([0, 0, 2], 3)
+  with pytest.raises(ValueError, match=r'labels must lie in \[0, 3\)'):
+    data.ClassStats.from_labels([0, 1, 3], 3)
+
+
+def test_split_validates_labels():
+  with pytest.raises(ValueError, match='labels must lie'):
+    data.Split(np.zeros((3, 2)), np.array([0, 1, 5]), 3, 'x')
+  with pytest.raises(ValueError, match='empty'):
+    data.Split(np.zeros((0, 2)), np.array([], np.int64), 3, 'x')
+
+
+@pytest.mark.parametrize('name,classes', [('cifar10', 10), ('cifar100', 100)])
+def test_tfds_cifar_lt_with_mock_data(name, classes):
+  n = 40 * classes
+  with tfds.testing.mock_data(num_examples=n):
+    lt = sources.tfds_long_tail(name, imbalance_factor=10, val_fraction=0.0)
+  counts = np.bincount(lt.train.label, minlength=classes)
+  full_min = counts[0]  # n_max = the smallest class of the balanced mock train split
+  assert counts.tolist() == profiles.long_tail_counts(full_min, classes, 10)
+  assert lt.train.x.shape[1:] == (32, 32, 3) and lt.test.x.shape[1:] == (32, 32, 3)
+  assert len(lt.test) == n
+
+
+def test_mock_imagenet_and_inaturalist_sources():
+  with tfds.testing.mock_data(num_examples=12):
+    inet = sources.tfds_source('imagenet2012', 'train')
+    names = [pathlib_name(inet[i]['file_name']) for i in range(len(inet))]
+    inat = sources.tfds_source('i_naturalist2018', 'train')
+    split = sources.read_split(inat, range(5), num_classes=8142, name='inat',
+                               transform=lambda im: augment.center_crop_resize(im, 16))
+  assert split.x.shape == (5, 16, 16, 3)
+  assert len(set(names)) >= 1
+
+
+def pathlib_name(x):
+  import pathlib
+  return pathlib.PurePosixPath(x.decode() if isinstance(x, bytes) else str(x)).name
+
+
+def test_imagenet_lt_split_list(tmp_path):
+  with tfds.testing.mock_data(num_examples=12):
+    src = sources.tfds_source('imagenet2012', 'train')
+    # (mock names are random strings; real ImageNet names have no edge whitespace)
+    files = [f for f in (pathlib_name(src[i]['file_name']) for i in range(len(src)))
+             if f == f.strip()]
+    # a synthetic ImageNet-LT list naming images of the mock split
+    lst = tmp_path / 'ImageNet_LT_train.txt'
+    lst.write_text(''.join(f'train/n0/{f} {i % 3}\n' for i, f in enumerate(files[:4])))
+    names, labels = sources.read_split_list(lst)
+    idx = sources.indices_for_list(src, names)
+    assert [pathlib_name(src[int(i)]['file_name']) for i in idx] == names
+    assert labels.tolist() == [0, 1, 2, 0]
+    bad = tmp_path / 'bad.txt'
+    bad.write_text('train/n0/unknown_image.JPEG 1\n')
+    with pytest.raises(ValueError, match='not in the dataset'):
+      sources.indices_for_list(src, sources.read_split_list(bad)[0])
+  malformed = tmp_path / 'm.txt'
+  malformed.write_text('only_a_name\n')
+  with pytest.raises(ValueError, match='expected'):
+    sources.read_split_list(malformed)
+
+
+def test_missing_dataset_fails_fast_with_instructions(tmp_path):
+  t0 = time.perf_counter()
+  with pytest.raises(sources.DatasetNotPreparedError, match='tfds build cifar10'):
+    sources.tfds_source('cifar10', 'train', data_dir=str(tmp_path))
+  assert time.perf_counter() - t0 < 5.0
+  with pytest.raises(sources.DatasetNotPreparedError, match='manual_dir'):
+    sources.tfds_source('imagenet2012', 'train', data_dir=str(tmp_path))
+
+
+def test_npz_bring_your_own(tmp_path):
+  rng = np.random.default_rng(0)
+  path = tmp_path / 'mine.npz'
+  np.savez(path, x=rng.normal(size=(600, 8)).astype(np.float32), y=np.repeat(np.arange(3), 200))
+  lt = sources.npz_long_tail(path, imbalance_factor=10, val_fraction=0.1)
+  counts = np.bincount(lt.train.label) + np.bincount(lt.val.label)
+  assert counts.tolist() == profiles.long_tail_counts(160, 3, 10)
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    sources.npz_long_tail(tmp_path / 'missing.npz')
+  np.savez(tmp_path / 'bad.npz', x=np.zeros((4, 2)), y=np.array([0, 1, -1, 2]))
+  with pytest.raises(ValueError, match='labels must lie'):
+    sources.npz_long_tail(tmp_path / 'bad.npz', num_classes=3)
+
+
+def test_mnist1d_offline_benchmark_small():
+  lt = sources.mnist1d_long_tail(num_samples=4000, n_max=300, imbalance_factor=10)
+  assert np.bincount(lt.train.label).tolist() == profiles.long_tail_counts(300, 10, 10)
+  assert lt.train.x.shape[1] == 40
+  again = sources.mnist1d_long_tail(num_samples=4000, n_max=300, imbalance_factor=10)
+  np.testing.assert_array_equal(lt.train.x, again.train.x)
+  assert abs(float(lt.train.x.mean())) < 1e-4
+
+
+def _split(n=300, shape=(8, 8, 3)):
+  rng = np.random.default_rng(0)
+  return data.Split(rng.integers(0, 255, (n,) + shape).astype(np.uint8), rng.integers(0, 5, n),
+                    5, 't')
+
+
+def test_pipeline_same_seed_same_batches_and_exact_resume():
+  split = _split()
+  spec = data.BatchSpec(64)
+  ds = data.train_batches(split, spec, num_epochs=3, seed=7, augment=augment.pad_crop_flip)
+  it = iter(ds)
+  first = [next(it) for _ in range(7)]  # crosses an epoch (5 steps/epoch)
+  assert [b['x'].shape[0] for b in first] == [64, 64, 64, 64, 44, 64, 64]
+  state = it.get_state()
+  rest = [next(it) for _ in range(4)]
+  it2 = iter(data.train_batches(split, spec, num_epochs=3, seed=7, augment=augment.pad_crop_flip))
+  same = [next(it2) for _ in range(7)]
+  for a, b in zip(first, same):
+    np.testing.assert_array_equal(a['x'], b['x'])
+  it3 = iter(ds)
+  it3.set_state(state)
+  for a, b in zip(rest, [next(it3) for _ in range(4)]):
+    np.testing.assert_array_equal(a['x'], b['x'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  # every example exactly once per epoch
+  epoch0 = np.concatenate([b['label'] for b in first[:5]])
+  assert np.bincount(epoch0, minlength=5).tolist() == np.bincount(split.label, minlength=5).tolist()
+  other = next(iter(data.train_batches(split, spec, num_epochs=1, seed=8)))
+  assert not np.array_equal(other['label'], first[0]['label'])
+
+
+def test_pipeline_host_sharding():
+  split = _split()
+  spec = data.BatchSpec(64, drop_remainder=True)
+  full = next(iter(data.train_batches(split, spec, num_epochs=1, seed=1)))
+  parts = [next(iter(data.train_batches(split, spec, num_epochs=1, seed=1, process_index=i,
+                                        process_count=4))) for i in range(4)]
+  np.testing.assert_array_equal(np.concatenate([p['label'] for p in parts]), full['label'])
+
+
+def test_augment_shapes_and_flip():
+  x = np.arange(2 * 4 * 4 * 1).reshape(2, 4, 4, 1)
+  y = augment.pad_crop_flip(x, np.random.default_rng(0), pad=1)
+  assert y.shape == x.shape
+  np.testing.assert_array_equal(augment.hflip(augment.hflip(x)), x)
+  img = np.zeros((40, 50, 3), np.uint8)
+  assert augment.random_resized_crop_flip(img, np.random.default_rng(0), 16).shape == (16, 16, 3)
+  assert augment.center_crop_resize(img, 16).shape == (16, 16, 3)

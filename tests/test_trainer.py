@@ -1,0 +1,192 @@
+"""End-to-end training: every optimizer, resume, bad configs, NaN stop, 8 fake devices."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from sse_sam_jax.train import config as config_lib
+from sse_sam_jax.train import trainer
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def make_npz(path, n_per_class=160, classes=4, dim=12, seed=0):
+  rng = np.random.default_rng(seed)
+  centers = rng.normal(size=(classes, dim)) * 1.5
+  y = np.repeat(np.arange(classes), n_per_class)
+  x = centers[y] + rng.normal(size=(len(y), dim))
+  np.savez(path, x=x.astype(np.float32), y=y)
+  return path
+
+
+def small_config(npz, **overrides):
+  c = config_lib.default_config()
+  c.epochs = 3
+  c.data.name = 'npz'
+  c.data.npz_path = str(npz)
+  c.data.imbalance_factor = 10.0
+  c.data.batch_size = 32
+  c.data.shots = 'default'
+  c.model.name = 'mlp'
+  c.optimizer.eta = 50.0
+  c.optimizer.lr = 0.05
+  c.eval.every_epochs = 1
+  c.checkpoint.every_epochs = 1
+  c.log_every_steps = 3
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope='module')
+def npz(tmp_path_factory):
+  return make_npz(tmp_path_factory.mktemp('data') / 'blobs.npz')
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'sam', 'imbsam', 'group_sam', 'sse_sam',
+                                       'sam_then_imbsam'])
+def test_end_to_end_each_optimizer(npz, tmp_path, optimizer):
+  c = small_config(npz, **{'optimizer.name': optimizer})
+  result = trainer.train(c, tmp_path, progress=False)
+  test = result['test']
+  assert 0.0 <= test['few'] <= 1.0 and test['all'] > 0.5  # separable blobs: it learns
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  assert saved['test']['all'] == test['all']
+  assert (tmp_path / 'per_class_accuracy.png').exists()
+  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  assert any('test_all' in l for l in lines) and any('train_loss' in l for l in lines)
+  assert '| Many | Medium | Few | All |' in result['table'].replace('| run ', '')
+
+
+def test_losses_run(npz, tmp_path):
+  for i, loss in enumerate(['ldam', 'logit_adjusted', 'vs']):
+    c = small_config(npz, **{'loss.name': loss, 'loss.drw_epoch': 1, 'epochs': 2,
+                             'model.normed_classifier': loss == 'ldam'})
+    assert np.isfinite(trainer.train(c, tmp_path / str(i), progress=False)['test']['all'])
+
+
+def test_resume_after_interruption_is_bit_identical(npz, tmp_path):
+  c = small_config(npz, **{'optimizer.name': 'sse_sam', 'optimizer.gamma': 0.5, 'epochs': 4})
+  full = trainer.train(c, tmp_path / 'full', progress=False)
+  steps_per_epoch = full['state'].step // 4
+  # killed in the middle of epoch 3, after the checkpoint of epoch 2 and the stage switch
+  stopped = trainer.train(c, tmp_path / 'cut', progress=False,
+                          stop_after_steps=int(2 * steps_per_epoch + 2))
+  assert stopped['stopped_at'] == 2 * steps_per_epoch + 2
+  resumed = trainer.train(c, tmp_path / 'cut', progress=False)
+  chex.assert_trees_all_equal(jax.device_get(resumed['state']), jax.device_get(full['state']))
+  assert resumed['test'] == full['test']
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('optimizer.name', 'adamw', 'unknown optimizer'),
+    ('loss.name', 'focal', 'unknown loss'),
+    ('data.name', 'mnist2d', 'unknown dataset'),
+    ('optimizer.lr', -0.1, 'lr must be > 0'),
+    ('optimizer.gamma', 1.5, r'gamma must lie in \[0, 1\]'),
+    ('optimizer.tail_rho', -0.1, 'tail_rho must be >= 0'),
+    ('eval.select_on', 'val', 'val_fraction > 0'),
+])
+def test_bad_config_rejected_before_compiling(npz, tmp_path, key, value, match):
+  with pytest.raises(ValueError, match=match):
+    trainer.train(small_config(npz, **{key: value}), tmp_path, progress=False)
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize('eta,match', [(1.0, 'no tail'), (10**6, 'no head')])
+def test_eta_must_leave_head_and_tail(npz, tmp_path, eta, match):
+  with pytest.raises(ValueError, match=match):
+    trainer.train(small_config(npz, **{'optimizer.eta': float(eta)}), tmp_path, progress=False)
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(npz, tmp_path):
+  first = small_config(npz, epochs=2)
+  steps = trainer.train(first, tmp_path / 'run', progress=False)['state'].step
+  # continue the finished run for 2 more epochs with an absurd learning rate
+  diverge = small_config(npz, epochs=4, **{'optimizer.lr': 1e30, 'optimizer.schedule': 'constant'})
+  with pytest.raises(trainer.NonFiniteLossError, match='last good checkpoint'):
+    trainer.train(diverge, tmp_path / 'run', progress=False)
+  from sse_sam_jax.train.checkpointing import Checkpoints
+  ckpt = Checkpoints(tmp_path / 'run')
+  assert ckpt.latest_step() == int(steps)
+  ckpt.close()
+
+
+def test_cli_main_command_smoke(npz, tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'sse_sam_jax.cli', 'train', '--workdir', str(tmp_path),
+       '--no-progress', 'data.name=npz', f'data.npz_path={npz}', 'data.shots=default',
+       'model.name=mlp', 'optimizer.eta=50', 'epochs=2', 'data.batch_size=32',
+       'data.imbalance_factor=10'],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert '| Many | Medium | Few | All |' in out.stdout.replace('| run ', '')
+  trained = json.loads((tmp_path / 'results.json').read_text())['test']['all']
+  evaluated = subprocess.run(
+      [sys.executable, '-m', 'sse_sam_jax.cli', 'eval', '--workdir', str(tmp_path),
+       'data.name=npz', f'data.npz_path={npz}', 'data.shots=default', 'model.name=mlp',
+       'optimizer.eta=50', 'epochs=2', 'data.batch_size=32', 'data.imbalance_factor=10'],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+  assert f'{100 * trained:.2f} |' in evaluated.stdout  # the last checkpoint is the final model
+  bad = subprocess.run([sys.executable, '-m', 'sse_sam_jax.cli', 'train', 'optimizer.gamma=2'],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert bad.returncode != 0 and 'gamma must lie in [0, 1]' in bad.stderr
+
+
+MULTI_DEVICE_SCRIPT = r'''
+import json, sys, jax, numpy as np
+sys.path.insert(0, sys.argv[3])
+from tests.test_trainer import small_config
+from sse_sam_jax.train import trainer
+out = {}
+for name in ('sam', 'imbsam', 'sse_sam'):
+  finals = []
+  for n_dev in (8, 1):
+    c = small_config(sys.argv[1], **{'optimizer.name': name, 'num_devices': n_dev,
+                                     'data.drop_remainder': True, 'epochs': 2,
+                                     'optimizer.gamma': 0.5})
+    r = trainer.train(c, f'{sys.argv[2]}/{name}{n_dev}', progress=False)
+    finals.append(jax.device_get(r['state'].params))
+  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), *finals))
+  out[name] = max(diffs)
+print(json.dumps(out))
+'''
+
+
+def test_eight_fake_devices_match_one_device(npz, tmp_path):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  out = subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT, str(npz), str(tmp_path),
+                        str(ROOT)], capture_output=True, text=True, timeout=600, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  diffs = json.loads(out.stdout.strip().splitlines()[-1])
+  assert set(diffs) == {'sam', 'imbsam', 'sse_sam'}
+  for name, d in diffs.items():
+    assert d <= 1e-5, (name, d)
+
+
+@pytest.mark.parametrize('path', sorted((ROOT / 'experiments' / 'configs').glob('*.py')))
+def test_experiment_configs_validate(path):
+  from sse_sam_jax.cli import load_config
+  config_lib.validate(load_config(str(path), []))
+
+
+def test_schedules_follow_the_references():
+  from sse_sam_jax.train import schedules
+  cos = schedules.epoch_cosine(0.05, epochs=40, steps_per_epoch=97)
+  np.testing.assert_allclose(float(cos(0)), 0.05 * 0.5 * (1 + np.cos(np.pi / 40)), rtol=1e-6)
+  assert float(cos(39 * 97)) == pytest.approx(0.0, abs=1e-9)  # last epoch at lr 0
+  ldam = schedules.ldam_step(0.1, steps_per_epoch=10)
+  got = [float(ldam(e * 10)) for e in (0, 4, 5, 159, 160, 179, 180)]
+  np.testing.assert_allclose(got, [0.02, 0.1, 0.1, 0.1, 0.001, 0.001, 0.00001], rtol=1e-5)
