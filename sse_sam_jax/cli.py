@@ -1,4 +1,4 @@
-"""Command line: ``sse-sam-jax train|eval [--config FILE] [--workdir DIR] [key=value ...]``.
+"""Command line: ``sse-sam-jax train|eval|hessian [--config FILE] [--workdir DIR] [key=value ...]``.
 
 ``--config`` is a Python file with ``get_config()`` returning an
 ``ml_collections.ConfigDict`` (see ``experiments/configs/``); without it, the
@@ -51,10 +51,16 @@ def load_config(path: str | None, overrides: list[str]):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='sse-sam-jax', description=__doc__.splitlines()[0])
-  parser.add_argument('command', choices=('train', 'eval'))
+  parser.add_argument('command', choices=('train', 'eval', 'hessian'))
   parser.add_argument('--config', default=None)
   parser.add_argument('--workdir', default='runs/default')
   parser.add_argument('--no-progress', action='store_true')
+  parser.add_argument('--groups', default='head_tail', choices=('head_tail', 'shots', 'class'),
+                      help='hessian: the class groups')
+  parser.add_argument('--split', default='train', choices=('train', 'val', 'test'))
+  parser.add_argument('--lanczos-iters', type=int, default=40)
+  parser.add_argument('--trace-probes', type=int, default=20)
+  parser.add_argument('--max-examples', type=int, default=4096)
   parser.add_argument('overrides', nargs='*', help='dotted key=value config overrides')
   args = parser.parse_intermixed_args(argv)
   c = load_config(args.config, args.overrides)
@@ -65,10 +71,18 @@ def main(argv=None):
   from sse_sam_jax.train import trainer
   if args.command == 'train':
     result = trainer.train(c, args.workdir, progress=not args.no_progress)
-  else:
+  elif args.command == 'eval':
     result = trainer.evaluate_checkpoint(c, args.workdir)
+  else:
+    result = trainer.hessian_of_checkpoint(
+        c, args.workdir, groups=args.groups, split=args.split, lanczos_iters=args.lanczos_iters,
+        trace_probes=args.trace_probes, max_examples=args.max_examples)
+    print(result['table'])
+    print(f"spectra: {result['path']}")
+    return 0
   print(result['table'])
-  print(f"results: {pathlib.Path(args.workdir) / 'results.json'}")
+  if args.command == 'train':
+    print(f"results: {pathlib.Path(args.workdir) / 'results.json'}")
   return 0
 
 

@@ -190,3 +190,27 @@ def test_schedules_follow_the_references():
   ldam = schedules.ldam_step(0.1, steps_per_epoch=10)
   got = [float(ldam(e * 10)) for e in (0, 4, 5, 159, 160, 179, 180)]
   np.testing.assert_allclose(got, [0.02, 0.1, 0.1, 0.1, 0.001, 0.001, 0.00001], rtol=1e-5)
+
+
+def test_hessian_callback_and_cli(npz, tmp_path):
+  c = small_config(npz, **{'hessian.every_epochs': 1, 'hessian.lanczos_iters': 6,
+                           'hessian.max_examples': 200, 'epochs': 2})
+  trainer.train(c, tmp_path, progress=False)
+  records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  hess = [r for r in records if 'hessian_tail_lambda_max' in r]
+  assert len(hess) == 2
+  for r in hess:
+    assert r['hessian_head_lambda_min'] <= r['hessian_head_lambda_max']
+    assert r['hessian_tail_lambda_min'] <= r['hessian_tail_lambda_max']
+  out = trainer.hessian_of_checkpoint(c, tmp_path, groups='shots', lanczos_iters=8,
+                                      trace_probes=3, max_examples=300)
+  assert set(out['spectra']) <= {'many', 'medium', 'few'} and out['spectra']
+  assert (tmp_path / 'hessian.json').exists() and (tmp_path / 'hessian_density.png').exists()
+  assert 'lambda_min' in out['table']
+
+
+def test_checkpoint_of_another_config_is_a_clear_error(npz, tmp_path):
+  trainer.train(small_config(npz, **{'optimizer.name': 'sgd', 'epochs': 1}), tmp_path,
+                progress=False)
+  with pytest.raises(ValueError, match='does not fit'):
+    trainer.evaluate_checkpoint(small_config(npz, **{'optimizer.name': 'sse_sam'}), tmp_path)

@@ -9,6 +9,7 @@ as arrays; batches are then gathered by index in the grain pipeline.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 
 import numpy as np
@@ -204,6 +205,19 @@ def npz_long_tail(path, imbalance_factor: float | None = None, *, num_classes=No
 # ----------------------------------------------------------------------------
 # Offline benchmark: MNIST-1D-LT
 # ----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _mnist1d_raw(num_samples: int, seed: int, iid_noise_scale: float) -> dict:
+  """The generated MNIST-1D arrays (procedural, no download), cached per process."""
+  from mnist1d.data import get_dataset_args, make_dataset
+  args = get_dataset_args()
+  args.num_samples, args.seed, args.iid_noise_scale = num_samples, seed, iid_noise_scale
+  raw = make_dataset(args)
+  for v in raw.values():
+    if isinstance(v, np.ndarray):
+      v.setflags(write=False)
+  return raw
+
+
 def mnist1d_long_tail(*, iid_noise_scale: float = 0.07, imbalance_factor: float = 100.0,
                       num_samples: int = 62500, seed: int = 42, n_max: int = 5000,
                       selection_seed: int = 0, val_fraction: float = 0.0,
@@ -217,10 +231,7 @@ def mnist1d_long_tail(*, iid_noise_scale: float = 0.07, imbalance_factor: float 
   ``iid_noise_scale=0.02`` is setting A (saturated). ``val_fraction`` holds out a
   validation split from the long-tailed train set (default 0: as the reference).
   """
-  from mnist1d.data import get_dataset_args, make_dataset
-  args = get_dataset_args()
-  args.num_samples, args.seed, args.iid_noise_scale = num_samples, seed, iid_noise_scale
-  raw = make_dataset(args)  # procedural, no download
+  raw = _mnist1d_raw(num_samples, seed, iid_noise_scale)
   train = Split(raw['x'].astype(np.float32), raw['y'], 10, 'mnist1d')
   test = Split(raw['x_test'].astype(np.float32), raw['y_test'], 10, 'mnist1d-test')
   train = make_long_tailed(train, imbalance_factor, seed=selection_seed, n_max=n_max)

@@ -38,6 +38,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       flip_tta=False, every_epochs=10, select_on='none', batch_size=1000))
   c.checkpoint = ml_collections.ConfigDict(dict(every_epochs=5, keep=2))
+  # Head/tail Hessian extremes recorded during training (0: off); cheap settings.
+  c.hessian = ml_collections.ConfigDict(dict(every_epochs=0, max_examples=1024,
+                                             lanczos_iters=12, seed=0))
   c.log_every_steps = 25
   c.num_devices = 0  # 0: all local devices
   return c
@@ -76,3 +79,5 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.eval.select_on != 'val' or c.data.val_fraction > 0,
         "eval.select_on='val' needs data.val_fraction > 0.")
   check(c.data.name != 'npz' or c.data.npz_path, "data.name='npz' needs data.npz_path.")
+  check(c.hessian.every_epochs >= 0 and c.hessian.lanczos_iters >= 2,
+        'hessian.every_epochs must be >= 0 and hessian.lanczos_iters >= 2.')

@@ -214,6 +214,65 @@ def prepare(c) -> Run:
              model, state, loss, tx, boundaries)
 
 
+def restore_checked(checkpoints, abstract_state, which, c):
+  try:
+    return checkpoints.restore(abstract_state, which=which)
+  except Exception as e:  # orbax reports tree/shape mismatches in several types
+    raise ValueError(
+        f'the checkpoint does not fit model {c.model.name!r} with optimizer '
+        f'{c.optimizer.name!r} on {c.data.name!r} (was it written by another config?): '
+        f'{type(e).__name__}: {str(e)[:300]}') from e
+
+
+def hessian_subset(split: data_lib.Split, max_examples: int, seed: int) -> data_lib.Split:
+  if len(split) <= max_examples:
+    return split
+  return split.subset(np.sort(np.random.default_rng(seed).permutation(len(split))[:max_examples]))
+
+
+def head_tail_extremes(run: Run, state, split: data_lib.Split, eta: float, iters: int,
+                       seed: int = 0) -> dict:
+  """Head and tail lambda_min / lambda_max (batch-normalised group losses, eval-mode BN)."""
+  from sse_sam_jax import analysis
+  step = int(state.step)
+  loss = analysis.model_loss(run.model, state.batch_stats,
+                             lambda logits, y: run.loss(logits, y, step))
+  groups = analysis.groups_for(run.stats, 'head_tail', eta)
+  spectra = analysis.group_spectra(loss, state.params, split, groups, lanczos_iters=iters,
+                                   trace_probes=0, density=False, seed=seed)
+  return {f'hessian_{g}_{k}': spectra[g][k] for g in spectra for k in ('lambda_min', 'lambda_max')}
+
+
+def hessian_of_checkpoint(c, workdir, *, groups: str = 'head_tail', split: str = 'train',
+                          lanczos_iters: int = 40, trace_probes: int = 20, slq_probes: int = 2,
+                          max_examples: int = 4096, seed: int = 0) -> dict:
+  """Per-group spectra of the last checkpoint of ``workdir``; writes JSON and a density plot."""
+  from sse_sam_jax import analysis
+  from sse_sam_jax.analysis import spectra as spectra_lib
+  run = prepare(c)
+  checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
+  if checkpoints.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint in {pathlib.Path(workdir) / "checkpoints"}.')
+  state, _, _ = restore_checked(checkpoints, run.state, 'last', c)
+  checkpoints.close()
+  data = {'train': run.data.train, 'test': run.data.test, 'val': run.data.val}[split]
+  if data is None:
+    raise ValueError(f'no {split} split in this config.')
+  data = hessian_subset(data, max_examples, seed)
+  step = int(state.step)
+  loss = analysis.model_loss(run.model, state.batch_stats,
+                             lambda logits, y: run.loss(logits, y, step))
+  result = analysis.group_spectra(
+      loss, state.params, data, analysis.groups_for(run.stats, groups, c.optimizer.eta),
+      lanczos_iters=lanczos_iters, slq_probes=slq_probes, trace_probes=trace_probes, seed=seed)
+  path = spectra_lib.write(result, workdir)
+  lines = ['| group | examples | lambda_min | lambda_max | trace |', '| --- | --- | --- | --- | --- |']
+  for g, r in result.items():
+    lines.append(f"| {g} | {r['examples']} | {r['lambda_min']:.4g} | {r['lambda_max']:.4g} | "
+                 f"{r['trace']:.4g} +- {r['trace_se']:.2g} |")
+  return {'spectra': result, 'table': '\n'.join(lines), 'path': str(path)}
+
+
 def evaluate_checkpoint(c, workdir, which: str = 'best') -> dict:
   """Evaluates the best (else the last) checkpoint of ``workdir`` on val and test."""
   run = prepare(c)
@@ -222,7 +281,7 @@ def evaluate_checkpoint(c, workdir, which: str = 'best') -> dict:
     which = 'last'
   if checkpoints.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint in {pathlib.Path(workdir) / "checkpoints"}.')
-  state, _, meta = checkpoints.restore(run.state, which=which)
+  state, _, meta = restore_checked(checkpoints, run.state, which, c)
   checkpoints.close()
   predict = eval_lib.make_predict(run.model, c.eval.flip_tta)
   result = {'checkpoint': which, 'step': int(state.step), 'meta': meta}
@@ -256,7 +315,7 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
   start_step = 0
   if checkpoints.latest_step() is not None:
-    state, data_state, meta = checkpoints.restore(state)
+    state, data_state, meta = restore_checked(checkpoints, state, 'last', c)
     start_step = int(data_state['next_index'])
     assert start_step == int(state.step), (start_step, int(state.step))
     print(f'Resumed from step {start_step} (epoch {start_step // steps_per_epoch}).')
@@ -338,6 +397,10 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
       if c.eval.select_on != 'none':
         score = scalars.get(f'{c.eval.select_on}_all')
       log.write(step, **scalars)
+    if c.hessian.every_epochs and (last or done_epochs % c.hessian.every_epochs == 0):
+      log.write(step, epoch=done_epochs, **head_tail_extremes(
+          run, state, hessian_subset(lt.train, c.hessian.max_examples, c.hessian.seed),
+          c.optimizer.eta, c.hessian.lanczos_iters, c.hessian.seed))
     if last or done_epochs % c.checkpoint.every_epochs == 0:
       checkpoints.save(step, state, batch_iter.get_state(),
                        {'epoch': done_epochs, **{k: float(v) for k, v in scalars.items()}}, score)
