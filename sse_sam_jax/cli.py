@@ -55,6 +55,8 @@ def main(argv=None):
   parser.add_argument('--config', default=None)
   parser.add_argument('--workdir', default='runs/default')
   parser.add_argument('--no-progress', action='store_true')
+  parser.add_argument('--distributed', action='store_true',
+                      help='call jax.distributed.initialize() first (multi-host)')
   parser.add_argument('--groups', default='head_tail', choices=('head_tail', 'shots', 'class'),
                       help='hessian: the class groups')
   parser.add_argument('--split', default='train', choices=('train', 'val', 'test'))
@@ -68,6 +70,9 @@ def main(argv=None):
     config_lib.validate(c)
   except ValueError as e:
     raise SystemExit(str(e))
+  if args.distributed:
+    import jax
+    jax.distributed.initialize()  # TPU VM pods / multi-host GPU: reads the cluster env
   from sse_sam_jax.train import trainer
   if args.command == 'train':
     result = trainer.train(c, args.workdir, progress=not args.no_progress)

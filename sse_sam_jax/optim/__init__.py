@@ -2,7 +2,7 @@
 
 from sse_sam_jax.optim.grouping import HEAD, TAIL, example_groups, tail_classes, validate_class_counts
 from sse_sam_jax.optim.sharpness_aware import (
-    NORMALIZATIONS, SharpnessAwareState, group_coefficients, group_sam, imbsam, perturb, sam,
-    validate_radius)
+    NORMALIZATIONS, SharpnessAwareState, group_coefficients, group_sam, imbsam, mean_across, perturb,
+    sam, validate_radius)
 from sse_sam_jax.optim.stage_switch import (
     StageSwitchState, sam_then_imbsam, sse_sam, stage_at, stage_switch, switch_step)

@@ -340,3 +340,21 @@ def imbsam(rho: Radius, *, normalization: str = 'batch', tail_weight: float = 1.
   return group_sam((0.0, rho), normalization=normalization,
                    group_weights=(1.0, tail_weight),
                    class_groups=_head_tail_class_groups(tail_classes))
+
+
+def mean_across(axis_name: str) -> optax.GradientTransformation:
+  """Averages the updates over a mapped axis (``lax.pmean``).
+
+  Put it right after a sharpness-aware transform inside ``shard_map`` for
+  **per-device** perturbations (the original SAM's m-sharpness): every device
+  perturbs from its own shard's gradient, then the directions are averaged once.
+  """
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.lax.pmean(updates, axis_name), state
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -43,6 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
                                              lanczos_iters=12, seed=0))
   c.log_every_steps = 25
   c.num_devices = 0  # 0: all local devices
+  # 'global': the perturbation of the whole batch (what one device computes);
+  # 'per_device': every device perturbs from its own shard (m-sharpness), via shard_map.
+  c.perturbation_scope = 'global'
   return c
 
 
@@ -79,5 +82,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.eval.select_on != 'val' or c.data.val_fraction > 0,
         "eval.select_on='val' needs data.val_fraction > 0.")
   check(c.data.name != 'npz' or c.data.npz_path, "data.name='npz' needs data.npz_path.")
+  check(c.perturbation_scope in ('global', 'per_device'),
+        f"perturbation_scope must be 'global' or 'per_device', got {c.perturbation_scope!r}.")
   check(c.hessian.every_epochs >= 0 and c.hessian.lanczos_iters >= 2,
         'hessian.every_epochs must be >= 0 and hessian.lanczos_iters >= 2.')

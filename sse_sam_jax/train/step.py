@@ -77,6 +77,31 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
   return new_state, metrics
 
 
+def per_device(step_fn, mesh, axis: str):
+  """Runs ``step_fn`` on every device's shard of the batch (``shard_map``).
+
+  The optimizer chain must average the direction across ``axis`` (see
+  :func:`sse_sam_jax.mean_across`), so every device then applies the same update
+  to its replicated state. BatchNorm statistics are per device in every pass;
+  the running statistics are averaged, and the metric sums added, across devices.
+  """
+  from jax.sharding import PartitionSpec as P
+
+  def local(state, batch):
+    new_state, metrics = step_fn(state, batch)
+    new_state = new_state._replace(
+        batch_stats=jax.lax.pmean(new_state.batch_stats, axis))
+    metrics = dict(loss_sum=jax.lax.psum(metrics['loss_sum'], axis),
+                   correct=jax.lax.psum(metrics['correct'], axis),
+                   count=jax.lax.psum(metrics['count'], axis),
+                   finite=jax.lax.psum(metrics['finite'].astype(jnp.int32), axis)
+                   == jax.lax.psum(1, axis))
+    return new_state, metrics
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P()),
+                       check_vma=False)
+
+
 class CompiledTrainStep:
   """The training step, compiled ahead of time once per (stage, batch shape).
 
@@ -88,19 +113,24 @@ class CompiledTrainStep:
   """
 
   def __init__(self, model, tx, loss: PerExampleLoss, class_groups=None, *,
-               boundaries=(), state_sharding=None, batch_sharding=None):
+               boundaries=(), state_sharding=None, batch_sharding=None,
+               per_device_axis: str | None = None):
     self.boundaries = tuple(int(b) for b in boundaries)
     self.num_stages = len(self.boundaries) + 1
     kwargs = {}
     if state_sharding is not None:
       kwargs = dict(in_shardings=(state_sharding, batch_sharding),
                     out_shardings=(state_sharding, None))
-    self._jitted = [
-        jax.jit(functools.partial(train_step, model=model, tx=tx, loss=loss,
-                                  class_groups=class_groups,
-                                  stage=i if self.num_stages > 1 else None),
-                donate_argnums=(0,), **kwargs)
-        for i in range(self.num_stages)]
+
+    def program(stage):
+      fn = functools.partial(train_step, model=model, tx=tx, loss=loss,
+                             class_groups=class_groups,
+                             stage=stage if self.num_stages > 1 else None)
+      if per_device_axis is not None:
+        fn = per_device(fn, batch_sharding.mesh, per_device_axis)
+      return jax.jit(fn, donate_argnums=(0,), **kwargs)
+
+    self._jitted = [program(i) for i in range(self.num_stages)]
     self._executables = {}
     self.compiles = 0
 

@@ -93,7 +93,11 @@ def build_loss(c, stats: data_lib.ClassStats, steps_per_epoch: int):
 
 
 def build_optimizer(c, steps_per_epoch: int):
-  """Returns ``(tx, stage boundaries)``; the SAM family first, then wd and momentum SGD."""
+  """Returns ``(tx, stage boundaries)``; the SAM family first, then wd and momentum SGD.
+
+  With ``perturbation_scope='per_device'`` the direction is averaged across the
+  mesh's ``data`` axis right after the sharpness-aware transform.
+  """
   o = c.optimizer
   lr = schedules.make(o.schedule, o.lr, c.epochs, steps_per_epoch,
                       **({'warmup_epochs': o.warmup_epochs} if o.schedule == 'ldam_step' else {}))
@@ -110,6 +114,8 @@ def build_optimizer(c, steps_per_epoch: int):
                           [switch]),
   }[o.name]
   parts = [direction()] if direction else []
+  if c.perturbation_scope == 'per_device':
+    parts.append(ssj.mean_across('data'))
   parts += [optax.add_decayed_weights(o.weight_decay), optax.sgd(lr, momentum=o.momentum)]
   return optax.chain(*parts), boundaries
 
@@ -308,9 +314,10 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   state, model = run.state, run.model
   replicated, batch_sharding = run.replicated, run.batch_sharding
   n_dev = run.mesh.devices.size
-  train_step = CompiledTrainStep(model, run.tx, run.loss, run.class_groups,
-                                 boundaries=run.boundaries, state_sharding=replicated,
-                                 batch_sharding=batch_sharding)
+  train_step = CompiledTrainStep(
+      model, run.tx, run.loss, run.class_groups, boundaries=run.boundaries,
+      state_sharding=replicated, batch_sharding=batch_sharding,
+      per_device_axis='data' if c.perturbation_scope == 'per_device' else None)
 
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
   start_step = 0
@@ -322,7 +329,9 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
 
   augment = augment_lib.pad_crop_flip if c.data.augment else None
   batches = data_lib.train_batches(lt.train, spec, num_epochs=c.epochs, seed=c.seed,
-                                   augment=augment, num_workers=c.data.num_workers)
+                                   augment=augment, num_workers=c.data.num_workers,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
   batch_iter = iter(batches)
   if start_step:
     batch_iter.set_state({'next_index': start_step})
@@ -355,8 +364,12 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
     while step < epoch_end:
       batch = next(batch_iter)
       assert int(batch['step']) == step
-      device_batch = jax.device_put({'x': batch['x'].astype(np.float32),
-                                     'label': batch['label'].astype(np.int32)}, batch_sharding)
+      host_batch = {'x': batch['x'].astype(np.float32), 'label': batch['label'].astype(np.int32)}
+      if jax.process_count() > 1:  # every host holds its rows of the global batch
+        device_batch = jax.tree.map(
+            lambda a: jax.make_array_from_process_local_data(batch_sharding, a), host_batch)
+      else:
+        device_batch = jax.device_put(host_batch, batch_sharding)
       state, metrics = train_step(state, device_batch, step)
       pending.append(metrics)
       step += 1
