@@ -1,0 +1,50 @@
+"""Models: parameter counts of the reference architectures, shapes, BatchNorm modes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sse_sam_jax import models
+
+
+@pytest.mark.parametrize('name,shape,classes,params', [
+    ('conv1d', (4, 40), 10, 10_410),         # the offline benchmark's 1D CNN
+    ('resnet32', (2, 32, 32, 3), 10, 464_154),  # LDAM-DRW's ResNet-32 (0.46M)
+    ('resnet34_cifar', (2, 32, 32, 3), 100, 21_328_292),
+    ('resnet50', (2, 64, 64, 3), 1000, 25_557_032),
+])
+def test_architectures(name, shape, classes, params):
+  fm, p, bs = models.create(name, classes)
+  assert models.count_params(p) == params
+  logits, new_bs = fm.apply(p, bs, jnp.ones(shape), train=True)
+  assert logits.shape == (shape[0], classes)
+  assert jax.tree.structure(new_bs) == jax.tree.structure(bs)
+
+
+def test_batchnorm_train_uses_batch_stats_eval_uses_running():
+  fm, p, bs = models.create('mlp', 3, in_features=5)
+  x = jax.random.normal(jax.random.key(0), (16, 5)) * 3 + 2
+  _, new_bs = fm.apply(p, bs, x, train=True)
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_bs, bs)
+  assert all(jax.tree.leaves(changed))
+  logits_eval, same_bs = fm.apply(p, bs, x, train=False)
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), same_bs, bs)))
+  # training mode: an example's logits depend on the rest of the batch
+  l_full, _ = fm.apply(p, bs, x, train=True)
+  l_half, _ = fm.apply(p, bs, x[:8], train=True)
+  assert not np.allclose(l_full[:8], l_half)
+  e_full, _ = fm.apply(p, bs, x, train=False)
+  e_half, _ = fm.apply(p, bs, x[:8], train=False)
+  np.testing.assert_allclose(e_full[:8], e_half, rtol=1e-6)
+
+
+def test_normed_classifier_outputs_cosines():
+  fm, p, bs = models.create('mlp', 4, in_features=6, normed_classifier=True)
+  logits, _ = fm.apply(p, bs, jnp.ones((3, 6)), train=False)
+  assert float(jnp.max(jnp.abs(logits))) <= 1.0 + 1e-5
+
+
+def test_unknown_model():
+  with pytest.raises(ValueError, match='Unknown model'):
+    models.create('vgg', 10)
