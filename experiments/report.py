@@ -7,7 +7,7 @@ import pathlib
 
 import numpy as np
 
-from study import RESULTS, RUNS, RUNS_DIR, SETTINGS, load
+from study import GRIDS, RESULTS, RUNS, RUNS_DIR, SETTINGS, load
 
 GROUPS = ('many', 'medium', 'few', 'all')
 
@@ -137,6 +137,36 @@ def hessian_final(setting) -> list[str]:
   return lines
 
 
+def grid_tables(results) -> list[str]:
+  lines = []
+  for grid_name, members in GRIDS.items():
+    present = {n: r for n, r in members.items() if n in results}
+    if not present:
+      continue
+    rows, best, best_val = [], None, -1.0
+    for name, radius in present.items():
+      per_seed = results[name]
+      seeds = sorted(per_seed)
+      val = np.mean([per_seed[s]['val']['all'] for s in seeds])
+      if val > best_val:
+        best, best_val = name, val
+      rows.append((name, radius, seeds, per_seed))
+    lines += [f'**{grid_name}** (10% of every class held out; chosen by validation All):', '',
+              '| radius | seeds | val All | test Many | test Few | test All | |',
+              '| --- | --- | --- | --- | --- | --- | --- |']
+    for name, radius, seeds, per_seed in rows:
+      mark = 'chosen' if name == best else ''
+      lines.append(f"| {radius} | {len(seeds)} | {_fmt([per_seed[s]['val']['all'] for s in seeds])} | "
+                   f"{_fmt([per_seed[s]['test']['many'] for s in seeds])} | "
+                   f"{_fmt([per_seed[s]['test']['few'] for s in seeds])} | "
+                   f"{_fmt([per_seed[s]['test']['all'] for s in seeds])} | {mark} |")
+    lines.append('')
+    if 'sgd_val' in results:
+      lines.append('- ' + paired_pair(results, best, 'sgd_val'))
+      lines.append('')
+  return lines
+
+
 def compute_seconds(results) -> float:
   return sum(r.get('train_seconds', 0.0) for per_seed in results.values()
              for r in per_seed.values())
@@ -154,14 +184,16 @@ def write_report(conclusions: str | None = None):
     if not results:
       continue
     out += [f'## Setting {setting} ({SETTINGS[setting]})', '']
-    out += table(results, setting) + ['']
-    out += ['Paired against SGD at the same seed (points):', ''] + paired(results) + ['']
+    main = {k: v for k, v in results.items() if not k.endswith('_val') and '_val_' not in k}
+    out += table(main, setting) + ['']
+    out += ['Paired against SGD at the same seed (points):', ''] + paired(main) + ['']
     for a, b in (('imbsam_group', 'control_group'), ('sse_sam_group', 'control_group'),
                  ('sse_sam_group', 'imbsam_group'), ('sse_sam', 'imbsam_batch'),
                  ('sse_sam_drw', 'drw')):
       line = paired_pair(results, a, b)
       if line:
         out.append(f'- {line}')
+    out += [''] + grid_tables(results)
     fig = RESULTS / f'per_class_{setting}.png'
     plot_per_class(results, setting, fig)
     out += ['', f'![per-class accuracy]({fig.name})', '']

@@ -51,7 +51,27 @@ RUNS = {
                                                    'optimizer.gamma': 0.5}),
     'sse_sam_g09': ('SSE-SAM 0.05/0.1, gamma 0.9', {'optimizer.name': 'sse_sam',
                                                    'optimizer.gamma': 0.9}),
+    'ldam_drw': ('SGD + LDAM-DRW (normalised classifier, DRW from epoch 32)',
+                 {'optimizer.name': 'sgd', 'loss.name': 'ldam', 'loss.drw_epoch': 32,
+                  'model.normed_classifier': True}),
+    'sse_sam_ldam_drw': ('SSE-SAM 0.05/0.1 + LDAM-DRW',
+                         {'optimizer.name': 'sse_sam', 'loss.name': 'ldam', 'loss.drw_epoch': 32,
+                          'model.normed_classifier': True}),
 }
+# Radius grids, trained with 10% of every class held out for validation; the radius is
+# chosen by mean validation accuracy (All) over seeds, never on the test set.
+GRIDS = {
+    'SAM rho': {f'sam_val_r{r}': r for r in (0.02, 0.05, 0.1)},
+    'SSE-SAM rho_tail (rho_head 0.05)': {f'sse_sam_val_rt{r}': r for r in (0.02, 0.05, 0.1)},
+}
+for _r in (0.02, 0.05, 0.1):
+  RUNS[f'sam_val_r{_r}'] = (f'SAM rho {_r} (val split held out)',
+                            {'optimizer.name': 'sam', 'optimizer.rho': _r,
+                             'data.val_fraction': 0.1})
+  RUNS[f'sse_sam_val_rt{_r}'] = (f'SSE-SAM rho_tail {_r} (val split held out)',
+                                 {'optimizer.name': 'sse_sam', 'optimizer.tail_rho': _r,
+                                  'data.val_fraction': 0.1})
+RUNS['sgd_val'] = ('SGD (val split held out)', {'optimizer.name': 'sgd', 'data.val_fraction': 0.1})
 HESSIAN_RUNS = ('sgd', 'sam', 'imbsam_group', 'sse_sam', 'sse_sam_group')
 
 

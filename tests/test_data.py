@@ -196,3 +196,33 @@ def test_augment_shapes_and_flip():
   img = np.zeros((40, 50, 3), np.uint8)
   assert augment.random_resized_crop_flip(img, np.random.default_rng(0), 16).shape == (16, 16, 3)
   assert augment.center_crop_resize(img, 16).shape == (16, 16, 3)
+
+
+def test_imagenet_lt_lazy_pipeline_with_mock_data(tmp_path):
+  with tfds.testing.mock_data(num_examples=12):
+    files = {}
+    for split in ('train', 'validation'):
+      src = sources.tfds_source('imagenet2012', split)
+      files[split] = [f for f in (pathlib_name(src[i]['file_name']) for i in range(len(src)))
+                      if f == f.strip()]
+    train_list, test_list = tmp_path / 'ImageNet_LT_train.txt', tmp_path / 'ImageNet_LT_test.txt'
+    train_list.write_text(''.join(f'train/n/{f} {i % 3}\n' for i, f in enumerate(files['train'])))
+    test_list.write_text(''.join(f'val/{f} {i % 3}\n' for i, f in enumerate(files['validation'])))
+    lt = sources.imagenet_lt(train_list, test_list, size=24)
+    assert isinstance(lt.train.x, sources.LazyImages)
+    assert len(lt.train) == len(files['train']) and lt.train.x.shape[1:] == (24, 24, 3)
+    it = iter(data.train_batches(lt.train, data.BatchSpec(4, drop_remainder=True), num_epochs=1,
+                                 seed=0, augment=augment.pad_crop_flip))
+    b = next(it)
+    assert b['x'].shape == (4, 24, 24, 3) and b['x'].dtype == np.float32
+    again = next(iter(data.train_batches(lt.train, data.BatchSpec(4, drop_remainder=True),
+                                         num_epochs=1, seed=0, augment=augment.pad_crop_flip)))
+    np.testing.assert_array_equal(b['x'], again['x'])
+    assert lt.test.x[0:3].shape == (3, 24, 24, 3)  # deterministic eval reads
+
+
+def test_inaturalist_lazy_source_with_mock_data():
+  with tfds.testing.mock_data(num_examples=6):
+    lt = sources.inaturalist2018(size=16)
+    assert len(lt.train) == 6 and lt.train.num_classes == 8142
+    assert lt.train.x.gather([0, 1], np.random.default_rng(0)).shape == (2, 16, 16, 3)

@@ -67,6 +67,9 @@ def test_end_to_end_each_optimizer(npz, tmp_path, optimizer):
   lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
   assert any('test_all' in l for l in lines) and any('train_loss' in l for l in lines)
   assert '| Many | Medium | Few | All |' in result['table'].replace('| run ', '')
+  # one program per (stage, batch shape), all compiled before step 0, none after
+  stages = 2 if optimizer in ('sse_sam', 'sam_then_imbsam') else 1
+  assert result['compiles'] == stages * 2  # 32-example batches and the remainder
 
 
 def test_losses_run(npz, tmp_path):
@@ -214,3 +217,27 @@ def test_checkpoint_of_another_config_is_a_clear_error(npz, tmp_path):
                 progress=False)
   with pytest.raises(ValueError, match='does not fit'):
     trainer.evaluate_checkpoint(small_config(npz, **{'optimizer.name': 'sse_sam'}), tmp_path)
+
+
+def test_many_medium_few_on_a_crafted_confusion():
+  from sse_sam_jax.data import ClassStats
+  from sse_sam_jax.train import evaluate
+  stats = ClassStats(np.array([5000, 1500, 500, 300, 100, 50]), many_above=1000, few_below=200)
+  labels = np.repeat(np.arange(6), 10)
+  preds = labels.copy()
+  preds[0:1] = 1      # class 0: 9/10
+  preds[10:14] = 0    # class 1: 6/10
+  preds[20:25] = 3    # class 2: 5/10
+  preds[30:40] = 2    # class 3: 0/10
+  preds[40:42] = 0    # class 4: 8/10
+  # class 5: 10/10
+  conf = evaluate.confusion_matrix(labels, preds, 6)
+  assert conf[1, 0] == 4 and conf.sum() == 60
+  m = evaluate.metrics_from_confusion(conf, stats)
+  np.testing.assert_allclose(m['per_class'], [0.9, 0.6, 0.5, 0.0, 0.8, 1.0])
+  assert m['many'] == pytest.approx(0.75)
+  assert m['medium'] == pytest.approx(0.25)
+  assert m['few'] == pytest.approx(0.9)
+  assert m['all'] == pytest.approx(38 / 60)
+  table = evaluate.format_table({'x': m})
+  assert '| x | 75.00 | 25.00 | 90.00 | 63.33 |' in table

@@ -3,6 +3,6 @@
 from sse_sam_jax.data.pipeline import BatchSpec, eval_batches, train_batches
 from sse_sam_jax.data.profiles import long_tail_counts, select_long_tail
 from sse_sam_jax.data.sources import (
-    DatasetNotPreparedError, LongTailData, Split, hold_out, make_long_tailed, mnist1d_long_tail,
-    npz_long_tail, tfds_long_tail, tfds_source)
+    DatasetNotPreparedError, LazyImages, LongTailData, Split, hold_out, imagenet_lt, inaturalist2018,
+    make_long_tailed, mnist1d_long_tail, npz_long_tail, tfds_long_tail, tfds_source)
 from sse_sam_jax.data.stats import SHOT_THRESHOLDS, ClassStats

@@ -65,9 +65,13 @@ class _MakeBatch:
       raise ValueError(f'batch of {len(ids)} does not split over {self.process_count} hosts.')
     per_host = len(ids) // self.process_count
     ids = ids[self.process_index * per_host:(self.process_index + 1) * per_host]
-    x = self.split.x[ids]
-    if self.augment is not None:
-      x = self.augment(x, np.random.default_rng([self.seed, 1 << 20, step]))
+    rng = np.random.default_rng([self.seed, 1 << 20, step])
+    if hasattr(self.split.x, 'gather'):  # lazily read images: augmentation happens on decode
+      x = self.split.x.gather(ids, rng if self.augment is not None else None)
+    else:
+      x = self.split.x[ids]
+      if self.augment is not None:
+        x = self.augment(x, rng)
     return {'x': x, 'label': self.split.label[ids], 'step': np.int64(step)}
 
 

@@ -45,7 +45,9 @@ class Split:
     return len(self.label)
 
   def subset(self, indices, name=None) -> 'Split':
-    return Split(self.x[indices], self.label[indices], self.num_classes, name or self.name)
+    x = (LazyImages(self.x.source, self.x.indices[indices], self.x.size, self.x.image_key)
+         if isinstance(self.x, LazyImages) else self.x[indices])
+    return Split(x, self.label[indices], self.num_classes, name or self.name)
 
 
 @dataclasses.dataclass
@@ -173,6 +175,76 @@ def indices_for_list(source, file_names, file_key='file_name') -> np.ndarray:
     raise ValueError(f'{len(missing)} images in the split list are not in the dataset, '
                      f'e.g. {missing[:3]}.')
   return np.asarray([position[f] for f in file_names])
+
+
+class LazyImages:
+  """Images read on demand from a random-access source (ImageNet-LT, iNaturalist).
+
+  Stands in for ``Split.x``: ``gather(ids, rng)`` decodes the images at positions
+  ``ids`` and returns a float32 batch ``[len(ids), size, size, 3]``: with ``rng``
+  random-resized-crop + flip (training), without it a centre crop (evaluation).
+  Nothing is held in memory but the index.
+  """
+
+  def __init__(self, source, indices, size: int = 224, image_key: str = 'image'):
+    self.source, self.indices = source, np.asarray(indices)
+    self.size, self.image_key = size, image_key
+
+  def __len__(self):
+    return len(self.indices)
+
+  @property
+  def shape(self):
+    return (len(self), self.size, self.size, 3)
+
+  def gather(self, ids, rng=None) -> np.ndarray:
+    from sse_sam_jax.data import augment
+    out = []
+    for i in np.atleast_1d(ids):
+      image = np.asarray(self.source[int(self.indices[int(i)])][self.image_key])
+      if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+      out.append(augment.random_resized_crop_flip(image, rng, self.size) if rng is not None
+                 else augment.center_crop_resize(image, self.size))
+    return augment.normalize_images(np.stack(out), augment.IMAGENET_MEAN, augment.IMAGENET_STD)
+
+  def __getitem__(self, ids):
+    if isinstance(ids, slice):
+      ids = np.arange(len(self))[ids]
+    return self.gather(ids)
+
+
+def imagenet_lt(train_list, test_list, *, data_dir=None, size=224, val_fraction=0.0,
+                seed=0) -> LongTailData:
+  """ImageNet-LT: TFDS ``imagenet2012`` (prepared by the user) + the standard split lists.
+
+  ``train_list``/``test_list`` are the ``ImageNet_LT_train.txt`` / ``ImageNet_LT_test.txt``
+  files (``<path> <label>`` per line); images are matched by file name to TFDS's
+  ``file_name`` (train list -> TFDS train split, test list -> TFDS validation split).
+  """
+  lists = {'train': train_list, 'validation': test_list}
+  splits = {}
+  for tfds_split, path in lists.items():
+    source = tfds_source('imagenet2012', tfds_split, data_dir)
+    names, labels = read_split_list(path)
+    idx = indices_for_list(source, names)
+    splits[tfds_split] = Split(LazyImages(source, idx, size), labels, 1000,
+                               f'imagenet_lt-{tfds_split}')
+  train, val = hold_out(splits['train'], val_fraction, seed)
+  return LongTailData(train, splits['validation'], val, 'imagenet_lt')
+
+
+def inaturalist2018(*, data_dir=None, size=224, val_fraction=0.0, seed=0) -> LongTailData:
+  """iNaturalist 2018 (naturally long-tailed; TFDS ``i_naturalist2018``): train and the
+  official validation split as test. Labels are read once from the source."""
+  out = {}
+  for tfds_split in ('train', 'validation'):
+    source = tfds_source('i_naturalist2018', tfds_split, data_dir)
+    labels = np.asarray([int(source[i]['label']) for i in range(len(source))])
+    out[tfds_split] = Split(LazyImages(source, np.arange(len(source)), size), labels, 8142,
+                            f'inat2018-{tfds_split}')
+  train, val = hold_out(out['train'], val_fraction, seed)
+  return LongTailData(train, out['validation'], val, 'i_naturalist2018')
 
 
 # ----------------------------------------------------------------------------

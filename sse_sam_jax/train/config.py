@@ -15,7 +15,7 @@ from sse_sam_jax.models import MODELS
 from sse_sam_jax.optim import NORMALIZATIONS
 from sse_sam_jax.train.schedules import SCHEDULES
 
-DATASETS = ('mnist1d', 'cifar10', 'cifar100', 'npz')
+DATASETS = ('mnist1d', 'cifar10', 'cifar100', 'npz', 'imagenet_lt', 'inaturalist2018')
 OPTIMIZERS = ('sgd', 'sam', 'imbsam', 'group_sam', 'sse_sam', 'sam_then_imbsam')
 
 
@@ -26,6 +26,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name='mnist1d', imbalance_factor=100.0, profile='exp', selection='shuffle',
       iid_noise_scale=0.07, num_samples=62500, n_max=5000, val_fraction=0.0, data_dir='', npz_path='',
+      train_list='', test_list='', image_size=224,
       batch_size=128, drop_remainder=False, num_workers=0, augment=False, shots='mnist1d'))
   c.model = ml_collections.ConfigDict(dict(name='conv1d', normed_classifier=False))
   c.loss = ml_collections.ConfigDict(dict(
@@ -82,6 +83,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.eval.select_on != 'val' or c.data.val_fraction > 0,
         "eval.select_on='val' needs data.val_fraction > 0.")
   check(c.data.name != 'npz' or c.data.npz_path, "data.name='npz' needs data.npz_path.")
+  check(c.data.name != 'imagenet_lt' or (c.data.train_list and c.data.test_list),
+        "data.name='imagenet_lt' needs data.train_list and data.test_list (the ImageNet-LT "
+        "split files ImageNet_LT_train.txt / ImageNet_LT_test.txt).")
   check(c.perturbation_scope in ('global', 'per_device'),
         f"perturbation_scope must be 'global' or 'per_device', got {c.perturbation_scope!r}.")
   check(c.hessian.every_epochs >= 0 and c.hessian.lanczos_iters >= 2,

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sse_sam_jax.data import ClassStats, Split
-from sse_sam_jax.data.augment import hflip
 
 
 def make_predict(model, flip_tta: bool = False):

@@ -10,6 +10,7 @@ sharpness-aware method repeats it.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -146,9 +147,10 @@ class CompiledTrainStep:
 
   def precompile(self, state, batch_shapes) -> float:
     """Compiles every stage for every batch shape; returns the seconds it took."""
-    import time
     t0 = time.perf_counter()
-    state_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), state)
+    state_spec = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
+        state)
     for batch in batch_shapes:
       for stage in range(self.num_stages):
         self._executable(stage, state_spec, batch)

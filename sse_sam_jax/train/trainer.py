@@ -55,6 +55,12 @@ def build_data(c) -> data_lib.LongTailData:
       if s is not None and s.x.dtype == np.uint8:
         s.x = augment_lib.normalize_images(s.x)
     return lt
+  if d.name == 'imagenet_lt':
+    return data_lib.imagenet_lt(d.train_list, d.test_list, data_dir=d.data_dir or None,
+                                size=d.image_size, val_fraction=d.val_fraction)
+  if d.name == 'inaturalist2018':
+    return data_lib.inaturalist2018(data_dir=d.data_dir or None, size=d.image_size,
+                                    val_fraction=d.val_fraction)
   if d.name == 'npz':
     return data_lib.npz_long_tail(d.npz_path, d.imbalance_factor if d.imbalance_factor > 1 else None,
                                   val_fraction=d.val_fraction, profile=d.profile,
@@ -327,7 +333,7 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
     assert start_step == int(state.step), (start_step, int(state.step))
     print(f'Resumed from step {start_step} (epoch {start_step // steps_per_epoch}).')
 
-  augment = augment_lib.pad_crop_flip if c.data.augment else None
+  augment = augment_lib.pad_crop_flip if c.data.augment else None  # lazy images: RRC + flip
   batches = data_lib.train_batches(lt.train, spec, num_epochs=c.epochs, seed=c.seed,
                                    augment=augment, num_workers=c.data.num_workers,
                                    process_index=jax.process_index(),
@@ -423,7 +429,7 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   log.close()
   train_seconds = time.perf_counter() - t_start
   result = {'config': c.to_dict(), 'train_seconds': train_seconds,
-            'class_counts': stats.counts.tolist()}
+            'class_counts': stats.counts.tolist(), 'compiles': train_step.compiles}
   for split_name, split in (('val', lt.val), ('test', lt.test)):
     if split is not None:
       result[split_name] = evaluate(split)
