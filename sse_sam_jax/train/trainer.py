@@ -342,8 +342,8 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   if start_step:
     batch_iter.set_state({'next_index': start_step})
 
-  x_spec = jax.ShapeDtypeStruct((1,) + lt.train.x.shape[1:], np.float32)
-  shapes = [{'x': jax.ShapeDtypeStruct((b,) + x_spec.shape[1:], x_spec.dtype, sharding=batch_sharding),
+  example_shape = tuple(lt.train.x.shape[1:])
+  shapes = [{'x': jax.ShapeDtypeStruct((b,) + example_shape, np.float32, sharding=batch_sharding),
              'label': jax.ShapeDtypeStruct((b,), np.int32, sharding=batch_sharding)}
             for b in spec.batch_sizes(len(lt.train))]
   compile_s = train_step.precompile(state, shapes)
