@@ -239,5 +239,6 @@ def test_many_medium_few_on_a_crafted_confusion():
   assert m['medium'] == pytest.approx(0.25)
   assert m['few'] == pytest.approx(0.9)
   assert m['all'] == pytest.approx(38 / 60)
+  assert m['balanced'] == pytest.approx(np.mean([0.9, 0.6, 0.5, 0.0, 0.8, 1.0]))
   table = evaluate.format_table({'x': m})
   assert '| x | 75.00 | 25.00 | 90.00 | 63.33 |' in table

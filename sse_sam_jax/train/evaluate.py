@@ -31,10 +31,13 @@ def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
 
 
 def metrics_from_confusion(confusion: np.ndarray, stats: ClassStats) -> dict:
-  """All (plain accuracy), per-class accuracy and the Many/Medium/Few means of it."""
+  """All (plain accuracy), balanced (mean per-class) accuracy, per-class accuracy and the
+  Many/Medium/Few means of it. Model selection on a long-tailed validation split should
+  use ``balanced``: plain accuracy there is dominated by the head classes."""
   support = confusion.sum(axis=1)
   per_class = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
   out = {'all': float(np.trace(confusion) / max(confusion.sum(), 1)),
+         'balanced': float(np.nanmean(per_class)),  # = 'all' on a balanced test set
          'per_class': per_class.tolist()}
   for name, mask in stats.shot_groups().items():
     values = per_class[mask & (support > 0)]

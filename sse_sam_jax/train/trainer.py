@@ -412,9 +412,10 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
       for split_name, split in (('val', lt.val), ('test', lt.test)):
         if split is not None:
           m = evaluate(split)
-          scalars.update({f'{split_name}_{k}': m[k] for k in ('all', 'many', 'medium', 'few')})
-      if c.eval.select_on != 'none':
-        score = scalars.get(f'{c.eval.select_on}_all')
+          scalars.update({f'{split_name}_{k}': m[k]
+                          for k in ('all', 'balanced', 'many', 'medium', 'few')})
+      if c.eval.select_on != 'none':  # balanced accuracy: the val split is long-tailed
+        score = scalars.get(f'{c.eval.select_on}_balanced')
       log.write(step, **scalars)
     if c.hessian.every_epochs and (last or done_epochs % c.hessian.every_epochs == 0):
       log.write(step, epoch=done_epochs, **head_tail_extremes(
