@@ -5,17 +5,15 @@
   sse-sam-jax train --config experiments/configs/inaturalist2018.py
 """
 
-import importlib.util
 import pathlib
 
-_spec = importlib.util.spec_from_file_location(
-    'imagenet_lt', pathlib.Path(__file__).with_name('imagenet_lt.py'))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from sse_sam_jax.cli import load_config
+
+_BASE = pathlib.Path(__file__).with_name('imagenet_lt.py')
 
 
 def get_config():
-  c = _base.get_config()
+  c = load_config(str(_BASE), [])
   c.data.name = 'inaturalist2018'
   c.data.train_list = ''
   c.data.test_list = ''
