@@ -32,7 +32,7 @@ def pipeline_rate(split, batch, workers, num_batches):
   t0 = time.perf_counter()
   for _ in range(num_batches):
     b = next(it)
-    x = augment.normalize_images(b['x'])  # as the trainer's input would be
+    augment.normalize_images(b['x'])  # as the trainer's input would be
   return num_batches * batch / (time.perf_counter() - t0)
 
 

@@ -110,8 +110,8 @@ def main():
 
   print(f'{args.model}, batch {args.batch}, {args.rounds} interleaved rounds, '
         f'{jax.devices()[0].platform}, jax {jax.__version__}')
-  print(f'| method | median ms | ratio to SGD | compile s |')
-  print(f'| --- | --- | --- | --- |')
+  print('| method | median ms | ratio to SGD | compile s |')
+  print('| --- | --- | --- | --- |')
   for name, r in results.items():
     print(f"| {name} | {r['median_ms']:.1f} | {r['ratio_to_sgd']:.2f} | {r['compile_s']:.1f} |")
   print(f'SSE-SAM: {cache} programs (one per stage), all compiled before the first step.')

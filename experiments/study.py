@@ -19,7 +19,6 @@ import pathlib
 import sys
 import time
 
-import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'experiments' / 'results'

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
-import json
 import pathlib
 import sys
 

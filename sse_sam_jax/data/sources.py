@@ -97,8 +97,8 @@ def _prepare_instructions(name: str, data_dir) -> str:
   where = f' --data_dir={data_dir}' if data_dir else ''
   manual = ''
   if name in ('imagenet2012', 'i_naturalist2018'):
-    manual = (f' This dataset needs its archives downloaded by hand first; put them in '
-              f'<data_dir>/downloads/manual and add --manual_dir=<that folder>.')
+    manual = (' This dataset needs its archives downloaded by hand first; put them in '
+              '<data_dir>/downloads/manual and add --manual_dir=<that folder>.')
   return (f'TFDS dataset {name!r} is not prepared{" in " + str(data_dir) if data_dir else ""}. '
           f'Prepare it once, in array_record format (random access), with:\n'
           f'  tfds build {name}{where} --file_format=array_record\n'

@@ -57,14 +57,13 @@ gradient is used directly and no extra pass runs.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Any, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sse_sam_jax.optim import grouping
 
 Radius = Union[float, optax.Schedule]
 

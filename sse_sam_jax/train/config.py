@@ -72,7 +72,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(0.0 <= o.gamma <= 1.0, f'optimizer.gamma must lie in [0, 1], got {o.gamma}.')
   check(o.eta > 0, f'optimizer.eta must be > 0, got {o.eta}.')
   check(o.tail_weight >= 0, f'optimizer.tail_weight must be >= 0, got {o.tail_weight}.')
-  check(int(c.epochs) == c.epochs and c.epochs >= 1, f'epochs must be an integer >= 1.')
+  check(int(c.epochs) == c.epochs and c.epochs >= 1, 'epochs must be an integer >= 1.')
   check(c.data.batch_size >= 1, f'data.batch_size must be >= 1, got {c.data.batch_size}.')
   check(c.data.imbalance_factor >= 1,
         f'data.imbalance_factor must be >= 1, got {c.data.imbalance_factor}.')
