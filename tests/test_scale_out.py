@@ -1,5 +1,6 @@
-"""Multi-device: per-device (m-sharpness) perturbations against a per-shard reference,
-save on 8 devices and resume on 4 and 1, collectives in the compiled step.
+"""Multi-device: global mode against one device, FSDP against replicated state, per-device
+(m-sharpness) and per-microbatch perturbations against a per-shard reference, save on 8
+devices and resume on 4 and 1, resumes that would change the method refused.
 
 Each test runs in a subprocess with 8 fake CPU devices
 (``--xla_force_host_platform_device_count=8``).
@@ -95,34 +96,151 @@ def test_per_device_perturbation_matches_per_shard_reference():
     assert d <= 1e-12, (name, d)
 
 
+LAYOUTS = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np, optax
+import sse_sam_jax as ssj
+from sse_sam_jax import losses, models
+from sse_sam_jax.train import CompiledTrainStep, init_state, sharding
+from sse_sam_jax.train.step import MICROBATCH_AXIS
+
+jax.config.update('jax_enable_x64', True)
+B, C = 32, 4
+groups = np.array([0, 0, 1, 1], np.int32)
+model, params0, stats0 = models.create('conv1d', C)
+params0 = jax.tree.map(lambda x: np.asarray(x, np.float64), params0)
+stats0 = jax.tree.map(lambda x: np.asarray(x, np.float64), stats0)
+loss = lambda logits, y, step: losses.cross_entropy(logits, y)
+rng = np.random.default_rng(0)
+batches = []
+for _ in range(4):
+  y = rng.integers(0, C, B).astype(np.int32)
+  y[:8] = 0  # on 8 devices, devices 0 and 1 hold no tail example
+  batches.append({'x': rng.normal(size=(B, 40)), 'label': y})
+METHODS = {'sam': lambda: ssj.sam(0.05), 'imbsam': lambda: ssj.imbsam(0.1),
+           'sse_sam': lambda: ssj.sse_sam(0.05, 0.1, 2)}
+
+def run(method, n_dev, scope='global', params='replicated', micro=0):
+  mesh = sharding.make_mesh(n_dev)
+  axes = (('data',) if scope == 'per_device' else ()) + ((MICROBATCH_AXIS,) if micro else ())
+  tx = optax.chain(METHODS[method](), *([ssj.mean_across(axes)] if axes else []),
+                   optax.add_decayed_weights(1e-3), optax.sgd(0.1, momentum=0.9))
+  state = init_state(*jax.tree.map(jnp.array, (params0, stats0)), tx)
+  shardings = sharding.state_sharding(state, mesh, params, min_elements=64)
+  state = jax.device_put(state, shardings)
+  step = CompiledTrainStep(model, tx, loss, groups, boundaries=[2] if method == 'sse_sam' else [],
+                           state_sharding=shardings, batch_sharding=sharding.batch_sharding(mesh),
+                           per_device_axis='data' if scope == 'per_device' else None,
+                           microbatch=micro or None)
+  for s, b in enumerate(batches):
+    state, _ = step(state, jax.device_put(b, sharding.batch_sharding(mesh)), s)
+  return state
+
+def diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))))
+
+out = {}
+for method in METHODS:
+  one = run(method, 1)
+  fsdp = run(method, 8, params='fsdp')
+  kernel = fsdp.params['conv1']['kernel'] if 'conv1' in fsdp.params else None
+  out[method] = {
+      'global8': diff(run(method, 8), one),
+      'global8_fsdp': diff(fsdp, one),
+      'fsdp_bytes_ratio': sharding.bytes_per_device(fsdp) / sharding.bytes_per_device(one),
+      'per_device_fsdp_vs_replicated': diff(run(method, 8, 'per_device', 'fsdp'),
+                                            run(method, 8, 'per_device')),
+      # m = 4: per-device on 8 devices (4 examples each) == microbatches of 4 anywhere
+      'micro4_1dev_vs_per_device8': diff(run(method, 1, micro=4), run(method, 8, 'per_device')),
+      'micro2_per_device8_vs_1dev': diff(run(method, 8, 'per_device', micro=2),
+                                         run(method, 1, micro=2)),
+      'micro2_global8_fsdp_vs_1dev': diff(run(method, 8, params='fsdp', micro=2),
+                                          run(method, 1, micro=2)),
+      'micro2_vs_global': diff(run(method, 1, micro=2), one),
+  }
+print(json.dumps(out))
+'''
+
+
+def test_layouts_agree_in_float64():
+  """Global mode on 8 devices == 1 device, FSDP == replicated, and microbatches of m
+  give the same result on any device count (all float64, to 1e-12)."""
+  out = run_with_devices(LAYOUTS)
+  assert set(out) == {'sam', 'imbsam', 'sse_sam'}
+  for method, r in out.items():
+    for key in ('global8', 'global8_fsdp', 'per_device_fsdp_vs_replicated',
+                'micro4_1dev_vs_per_device8', 'micro2_per_device8_vs_1dev',
+                'micro2_global8_fsdp_vs_1dev'):
+      assert r[key] <= 1e-12, (method, key, r[key])
+    assert r['micro2_vs_global'] > 1e-3, method  # microbatches do change the method
+    assert r['fsdp_bytes_ratio'] < 0.2, method  # ~1/8 of the state per device
+
+
 RESHARD = r'''
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import jax, numpy as np
 from tests.test_trainer import make_npz, small_config
-from sse_sam_jax.train import trainer
-workdir, phase = sys.argv[2], sys.argv[3]
+from sse_sam_jax.train import sharding, trainer
+workdir, phase, devices, stop = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 npz = make_npz(workdir + '/blobs.npz')
 c = small_config(npz, **{'optimizer.name': 'sse_sam', 'epochs': 4, 'data.drop_remainder': True,
-                         'optimizer.gamma': 0.5, 'num_devices': int(sys.argv[4])})
+                         'optimizer.gamma': 0.5, 'num_devices': devices, 'fsdp_min_elements': 256,
+                         **json.loads(sys.argv[6])})
 if phase == 'stop':
-  trainer.train(c, workdir + '/run', progress=False, stop_after_steps=int(sys.argv[5]))
+  trainer.train(c, workdir + '/run', progress=False, stop_after_steps=stop)
   print(json.dumps({}))
 else:
-  r = trainer.train(c, workdir + '/run', progress=False)
-  leaves = jax.tree.leaves(jax.device_get(r['state'].params))
-  print(json.dumps({'params': [np.asarray(l).ravel().tolist() for l in leaves]}))
+  try:
+    r = trainer.train(c, workdir + '/run', progress=False)
+  except ValueError as e:
+    print(json.dumps({'error': str(e)}))
+    raise SystemExit
+  state = r['state']
+  print(json.dumps({'params': [np.asarray(l).ravel().tolist()
+                               for l in jax.tree.leaves(jax.device_get(state.params))],
+                    'bytes_per_device': sharding.bytes_per_device(state),
+                    'specs': [str(x.sharding.spec) for x in jax.tree.leaves(state.params)]}))
 '''
 
 
-@pytest.mark.parametrize('resume_devices', [4, 1])
-def test_save_on_8_devices_resume_on_fewer(tmp_path, resume_devices):
+def train_in_steps(tmp_path, name, save_devices, resume_devices, save_overrides,
+                   resume_overrides=None):
+  (tmp_path / name).mkdir()
+  run_with_devices(RESHARD, tmp_path / name, 'stop', save_devices, 17,  # 7 steps/epoch:
+                   json.dumps(save_overrides))                         # epoch 2 saved
+  return run_with_devices(RESHARD, tmp_path / name, 'run', resume_devices, 0,
+                          json.dumps(save_overrides if resume_overrides is None
+                                     else resume_overrides), devices=resume_devices)
+
+
+def test_save_on_8_devices_resume_on_4_and_1_replicated_and_fsdp(tmp_path):
   (tmp_path / 'full').mkdir()
-  (tmp_path / 'cut').mkdir()
-  full = run_with_devices(RESHARD, tmp_path / 'full', 'run', 8)
-  run_with_devices(RESHARD, tmp_path / 'cut', 'stop', 8, 17)  # 7 steps/epoch: epoch 2 saved
-  resumed = run_with_devices(RESHARD, tmp_path / 'cut', 'run', resume_devices,
-                             devices=resume_devices)
+  full = run_with_devices(RESHARD, tmp_path / 'full', 'run', 8, 0, '{}')
+  fsdp = {'parameter_sharding': 'fsdp'}
+  resumed = {
+      'replicated 8 -> 4': train_in_steps(tmp_path, 'r4', 8, 4, {}),
+      'replicated 8 -> 1': train_in_steps(tmp_path, 'r1', 8, 1, {}),
+      'fsdp 8 -> fsdp 4': train_in_steps(tmp_path, 'f4', 8, 4, fsdp),
+      'fsdp 8 -> replicated 1': train_in_steps(tmp_path, 'f1', 8, 1, fsdp, {}),
+  }
   import numpy as np
-  for a, b in zip(full['params'], resumed['params']):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+  for name, r in resumed.items():
+    for a, b in zip(full['params'], r['params']):
+      np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+  assert "'data'" in ' '.join(resumed['fsdp 8 -> fsdp 4']['specs'])  # still sharded
+  assert resumed['fsdp 8 -> fsdp 4']['bytes_per_device'] < full['bytes_per_device'] / 2
+
+
+def test_resume_that_would_change_the_perturbation_is_refused(tmp_path):
+  per_device = {'perturbation_scope': 'per_device'}
+  r = train_in_steps(tmp_path, 'pd', 8, 4, per_device)
+  assert 'per-device perturbations on 8 devices (m = 4' in r['error']
+  assert 'perturbation_microbatch' in r['error']
+  r = train_in_steps(tmp_path, 'scope', 8, 8, per_device, {})
+  assert "perturbation_scope='per_device'" in r['error']
+  # fixed microbatches do not depend on the device count: resuming on 4 is allowed
+  micro = {'perturbation_scope': 'per_device', 'perturbation_microbatch': 2}
+  assert 'params' in train_in_steps(tmp_path, 'micro', 8, 4, micro)

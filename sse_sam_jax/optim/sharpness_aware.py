@@ -341,12 +341,14 @@ def imbsam(rho: Radius, *, normalization: str = 'batch', tail_weight: float = 1.
                    class_groups=_head_tail_class_groups(tail_classes))
 
 
-def mean_across(axis_name: str) -> optax.GradientTransformation:
-  """Averages the updates over a mapped axis (``lax.pmean``).
+def mean_across(axis_name: str | tuple[str, ...]) -> optax.GradientTransformation:
+  """Averages the updates over one or more mapped axes (``lax.pmean``).
 
   Put it right after a sharpness-aware transform inside ``shard_map`` for
   **per-device** perturbations (the original SAM's m-sharpness): every device
   perturbs from its own shard's gradient, then the directions are averaged once.
+  Inside ``vmap(..., axis_name='microbatch')`` it averages per-microbatch
+  directions; ``('data', 'microbatch')`` does both at once.
   """
   def init_fn(params):
     del params

@@ -50,6 +50,12 @@ class Checkpoints:
         meta=ocp.args.JsonRestore()))
     return restored['state'], restored['data'], restored['meta']
 
+  def meta(self, which='last') -> dict:
+    """The metadata of the newest checkpoint alone (read before restoring the state)."""
+    manager = self.last if which == 'last' else self.best
+    return manager.restore(manager.latest_step(),
+                           args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
   def wait(self):
     self.last.wait_until_finished()
     self.best.wait_until_finished()

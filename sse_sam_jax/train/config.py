@@ -14,6 +14,7 @@ from sse_sam_jax import losses as losses_lib
 from sse_sam_jax.models import MODELS
 from sse_sam_jax.optim import NORMALIZATIONS
 from sse_sam_jax.train.schedules import SCHEDULES
+from sse_sam_jax.train.sharding import PARAMETER_SHARDINGS
 
 DATASETS = ('mnist1d', 'cifar10', 'cifar100', 'npz', 'imagenet_lt', 'inaturalist2018')
 OPTIMIZERS = ('sgd', 'sam', 'imbsam', 'group_sam', 'sse_sam', 'sam_then_imbsam')
@@ -47,6 +48,12 @@ def default_config() -> ml_collections.ConfigDict:
   # 'global': the perturbation of the whole batch (what one device computes);
   # 'per_device': every device perturbs from its own shard (m-sharpness), via shard_map.
   c.perturbation_scope = 'global'
+  # m > 0: every run of m consecutive examples of the batch is perturbed on its own
+  # (m-sharpness with ghost BatchNorm), whatever the device count; 0: the whole scope.
+  c.perturbation_microbatch = 0
+  # 'replicated' or 'fsdp': arrays of >= fsdp_min_elements split over the devices.
+  c.parameter_sharding = 'replicated'
+  c.fsdp_min_elements = 2 ** 14
   return c
 
 
@@ -88,5 +95,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
         "split files ImageNet_LT_train.txt / ImageNet_LT_test.txt).")
   check(c.perturbation_scope in ('global', 'per_device'),
         f"perturbation_scope must be 'global' or 'per_device', got {c.perturbation_scope!r}.")
+  check(int(c.perturbation_microbatch) == c.perturbation_microbatch
+        and c.perturbation_microbatch >= 0,
+        f'perturbation_microbatch must be an integer >= 0, got {c.perturbation_microbatch}.')
+  check(not c.perturbation_microbatch or c.data.batch_size % c.perturbation_microbatch == 0,
+        f'perturbation_microbatch={c.perturbation_microbatch} does not divide '
+        f'data.batch_size={c.data.batch_size}.')
+  check(c.parameter_sharding in PARAMETER_SHARDINGS,
+        f'parameter_sharding must be one of {PARAMETER_SHARDINGS}, got {c.parameter_sharding!r}.')
+  check(c.fsdp_min_elements >= 1, 'fsdp_min_elements must be >= 1.')
   check(c.hessian.every_epochs >= 0 and c.hessian.lanczos_iters >= 2,
         'hessian.every_epochs must be >= 0 and hessian.lanczos_iters >= 2.')

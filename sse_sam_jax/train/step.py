@@ -78,6 +78,40 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
   return new_state, metrics
 
 
+MICROBATCH_AXIS = 'microbatch'
+
+
+def _sum_metrics(metrics, reduce_sum):
+  """Metric sums added over devices or microbatches; ``finite`` only if finite in all."""
+  return dict(loss_sum=reduce_sum(metrics['loss_sum']), correct=reduce_sum(metrics['correct']),
+              count=reduce_sum(metrics['count']),
+              finite=reduce_sum(1 - metrics['finite'].astype(jnp.int32)) == 0)
+
+
+def per_microbatch(step_fn, size: int, axis: str = MICROBATCH_AXIS):
+  """Runs ``step_fn`` on every run of ``size`` consecutive examples of the batch (``vmap``).
+
+  Every microbatch has its own clean pass, its own perturbation and its own
+  BatchNorm statistics (ghost BatchNorm); the optimizer chain must average the
+  direction across ``axis`` (``ssj.mean_across(axis)``), after which every
+  microbatch's update is the same and the first is kept. The running statistics
+  are averaged and the metric sums added over microbatches. The result depends
+  on ``size`` only, not on how the batch lies on devices.
+  """
+
+  def step(state, batch):
+    b = batch['label'].shape[0]
+    if b % size:
+      raise ValueError(f'batch of {b} examples does not split into microbatches of {size}.')
+    split = jax.tree.map(lambda a: a.reshape((b // size, size) + a.shape[1:]), batch)
+    new_states, metrics = jax.vmap(step_fn, in_axes=(None, 0), axis_name=axis)(state, split)
+    new_state = jax.tree.map(lambda a: a[0], new_states)._replace(
+        batch_stats=jax.tree.map(lambda a: jnp.mean(a, axis=0), new_states.batch_stats))
+    return new_state, _sum_metrics(metrics, lambda a: jnp.sum(a, axis=0))
+
+  return step
+
+
 def per_device(step_fn, mesh, axis: str):
   """Runs ``step_fn`` on every device's shard of the batch (``shard_map``).
 
@@ -85,6 +119,8 @@ def per_device(step_fn, mesh, axis: str):
   :func:`sse_sam_jax.mean_across`), so every device then applies the same update
   to its replicated state. BatchNorm statistics are per device in every pass;
   the running statistics are averaged, and the metric sums added, across devices.
+  With FSDP-sharded state the step gathers the whole state onto every device
+  on entry (the compiler inserts the all-gathers) and keeps its shard on exit.
   """
   from jax.sharding import PartitionSpec as P
 
@@ -92,12 +128,7 @@ def per_device(step_fn, mesh, axis: str):
     new_state, metrics = step_fn(state, batch)
     new_state = new_state._replace(
         batch_stats=jax.lax.pmean(new_state.batch_stats, axis))
-    metrics = dict(loss_sum=jax.lax.psum(metrics['loss_sum'], axis),
-                   correct=jax.lax.psum(metrics['correct'], axis),
-                   count=jax.lax.psum(metrics['count'], axis),
-                   finite=jax.lax.psum(metrics['finite'].astype(jnp.int32), axis)
-                   == jax.lax.psum(1, axis))
-    return new_state, metrics
+    return new_state, _sum_metrics(metrics, lambda a: jax.lax.psum(a, axis))
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P()),
                        check_vma=False)
@@ -111,11 +142,16 @@ class CompiledTrainStep:
   counter, so no step waits on the device. :meth:`precompile` builds every
   program before training starts; after that ``compiles`` stays fixed, the stage
   switch included. The state argument is donated.
+
+  ``state_sharding`` (a sharding or a tree of them, see
+  :mod:`sse_sam_jax.train.sharding`) places the state, replicated or FSDP-style;
+  ``per_device_axis`` runs the step per device (:func:`per_device`) and
+  ``microbatch`` per run of that many examples (:func:`per_microbatch`).
   """
 
   def __init__(self, model, tx, loss: PerExampleLoss, class_groups=None, *,
                boundaries=(), state_sharding=None, batch_sharding=None,
-               per_device_axis: str | None = None):
+               per_device_axis: str | None = None, microbatch: int | None = None):
     self.boundaries = tuple(int(b) for b in boundaries)
     self.num_stages = len(self.boundaries) + 1
     kwargs = {}
@@ -127,6 +163,8 @@ class CompiledTrainStep:
       fn = functools.partial(train_step, model=model, tx=tx, loss=loss,
                              class_groups=class_groups,
                              stage=stage if self.num_stages > 1 else None)
+      if microbatch:
+        fn = per_microbatch(fn, microbatch)
       if per_device_axis is not None:
         fn = per_device(fn, batch_sharding.mesh, per_device_axis)
       return jax.jit(fn, donate_argnums=(0,), **kwargs)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 import sse_sam_jax.optim as ssj
 from sse_sam_jax import data as data_lib
@@ -30,7 +30,8 @@ from sse_sam_jax.train import config as config_lib
 from sse_sam_jax.train import evaluate as eval_lib
 from sse_sam_jax.train import schedules
 from sse_sam_jax.train.checkpointing import Checkpoints
-from sse_sam_jax.train.step import CompiledTrainStep, init_state
+from sse_sam_jax.train import sharding as sharding_lib
+from sse_sam_jax.train.step import MICROBATCH_AXIS, CompiledTrainStep, init_state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -102,7 +103,8 @@ def build_optimizer(c, steps_per_epoch: int):
   """Returns ``(tx, stage boundaries)``; the SAM family first, then wd and momentum SGD.
 
   With ``perturbation_scope='per_device'`` the direction is averaged across the
-  mesh's ``data`` axis right after the sharpness-aware transform.
+  mesh's ``data`` axis right after the sharpness-aware transform; with
+  ``perturbation_microbatch=m`` across the microbatches (and devices) too.
   """
   o = c.optimizer
   lr = schedules.make(o.schedule, o.lr, c.epochs, steps_per_epoch,
@@ -120,19 +122,12 @@ def build_optimizer(c, steps_per_epoch: int):
                           [switch]),
   }[o.name]
   parts = [direction()] if direction else []
-  if c.perturbation_scope == 'per_device':
-    parts.append(ssj.mean_across('data'))
+  axes = (('data',) if c.perturbation_scope == 'per_device' else ()) + (
+      (MICROBATCH_AXIS,) if c.perturbation_microbatch else ())
+  if axes:
+    parts.append(ssj.mean_across(axes))
   parts += [optax.add_decayed_weights(o.weight_decay), optax.sgd(lr, momentum=o.momentum)]
   return optax.chain(*parts), boundaries
-
-
-def make_mesh(num_devices: int = 0):
-  devices = jax.devices()
-  n = num_devices or len(devices)
-  if n > len(devices):
-    raise ValueError(f'asked for {n} devices, {len(devices)} available.')
-  return jax.make_mesh((n,), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices[:n])
 
 
 # ----------------------------------------------------------------------------
@@ -186,7 +181,7 @@ class Run:
   spec: data_lib.BatchSpec
   steps_per_epoch: int
   mesh: jax.sharding.Mesh
-  replicated: NamedSharding
+  state_sharding: object  # a NamedSharding per state leaf
   batch_sharding: NamedSharding
   model: models.FunctionalModel
   state: object
@@ -206,13 +201,8 @@ def prepare(c) -> Run:
   spec = data_lib.BatchSpec(c.data.batch_size, c.data.drop_remainder)
   steps_per_epoch = spec.steps_per_epoch(len(lt.train))
 
-  mesh = make_mesh(c.num_devices)
-  n_dev = mesh.devices.size
-  bad = [b for b in spec.batch_sizes(len(lt.train)) if b % n_dev]
-  if bad:
-    raise ValueError(f'batch sizes {bad} do not divide over {n_dev} devices; set '
-                     'data.drop_remainder=True or a batch size divisible by the device count.')
-  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  mesh = sharding_lib.make_mesh(c.num_devices)
+  check_batch_sizes(c, spec.batch_sizes(len(lt.train)), mesh.devices.size)
 
   model_kw = dict(normed_classifier=c.model.normed_classifier)
   if c.model.name == 'mlp':
@@ -221,9 +211,64 @@ def prepare(c) -> Run:
                                              **model_kw)
   loss = build_loss(c, stats, steps_per_epoch)
   tx, boundaries = build_optimizer(c, steps_per_epoch)
-  state = jax.device_put(init_state(params, batch_stats, tx), replicated)
-  return Run(lt, stats, class_groups, spec, steps_per_epoch, mesh, replicated, batch_sharding,
-             model, state, loss, tx, boundaries)
+  state = init_state(params, batch_stats, tx)
+  state_sharding = sharding_lib.state_sharding(state, mesh, c.parameter_sharding,
+                                               min_elements=c.fsdp_min_elements)
+  state = jax.device_put(state, state_sharding)
+  return Run(lt, stats, class_groups, spec, steps_per_epoch, mesh, state_sharding,
+             sharding_lib.batch_sharding(mesh), model, state, loss, tx, boundaries)
+
+
+def check_batch_sizes(c, batch_sizes, n_dev: int) -> None:
+  """Every batch must split over the devices, and the per-device (or global) batch
+  into whole microbatches; raises before anything compiles."""
+  bad = [b for b in batch_sizes if b % n_dev]
+  if bad:
+    raise ValueError(f'batch sizes {bad} do not divide over {n_dev} devices; set '
+                     'data.drop_remainder=True or a batch size divisible by the device count.')
+  m = c.perturbation_microbatch
+  if m:
+    per = n_dev if c.perturbation_scope == 'per_device' else 1
+    bad = [b // per for b in batch_sizes if (b // per) % m]
+    if bad:
+      where = 'per-device batches' if per > 1 else 'batches'
+      raise ValueError(f'{where} of {bad} examples do not split into microbatches of '
+                       f'perturbation_microbatch={m}; choose m dividing them (or '
+                       'data.drop_remainder=True).')
+
+
+def perturbation_layout(c, n_dev: int) -> dict:
+  """What defines the perturbation's examples; saved with every checkpoint."""
+  return {'devices': n_dev, 'perturbation_scope': c.perturbation_scope,
+          'perturbation_microbatch': int(c.perturbation_microbatch),
+          'parameter_sharding': c.parameter_sharding}
+
+
+def check_resume_layout(saved: dict, c, n_dev: int, batch_size: int) -> None:
+  """Refuses a resume that would silently change which examples a perturbation sees.
+
+  Global perturbations and fixed microbatches do not depend on the device
+  count, so such runs resume on any mesh (Orbax reshards the state). Per-device
+  perturbations without microbatches perturb from ``batch / devices`` examples:
+  resuming on another device count would change that ``m``.
+  """
+  now = perturbation_layout(c, n_dev)
+  if 'devices' not in saved:  # checkpoints from before the layout was recorded
+    return
+  for key in ('perturbation_scope', 'perturbation_microbatch'):
+    if saved[key] != now[key]:
+      raise ValueError(f'the checkpoint was trained with {key}={saved[key]!r}, this config '
+                       f'has {now[key]!r}; resuming would change the method. Use the same '
+                       'value or a new workdir.')
+  if (c.perturbation_scope == 'per_device' and not c.perturbation_microbatch
+      and saved['devices'] != n_dev):
+    raise ValueError(
+        f"the checkpoint was trained with per-device perturbations on {saved['devices']} "
+        f"devices (m = {batch_size // saved['devices']} examples per perturbation); this mesh "
+        f'has {n_dev} devices (m = {batch_size // n_dev}). Resume on {saved["devices"]} '
+        'devices (num_devices=...), or train with perturbation_microbatch=m, which fixes m '
+        'whatever the device count.')
+
 
 
 def restore_checked(checkpoints, abstract_state, which, c):
@@ -318,16 +363,19 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   lt, stats, spec = run.data, run.stats, run.spec
   steps_per_epoch, total_steps = run.steps_per_epoch, c.epochs * run.steps_per_epoch
   state, model = run.state, run.model
-  replicated, batch_sharding = run.replicated, run.batch_sharding
+  batch_sharding = run.batch_sharding
   n_dev = run.mesh.devices.size
   train_step = CompiledTrainStep(
       model, run.tx, run.loss, run.class_groups, boundaries=run.boundaries,
-      state_sharding=replicated, batch_sharding=batch_sharding,
-      per_device_axis='data' if c.perturbation_scope == 'per_device' else None)
+      state_sharding=run.state_sharding, batch_sharding=batch_sharding,
+      per_device_axis='data' if c.perturbation_scope == 'per_device' else None,
+      microbatch=c.perturbation_microbatch or None)
+  layout = perturbation_layout(c, n_dev)
 
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
   start_step = 0
   if checkpoints.latest_step() is not None:
+    check_resume_layout(checkpoints.meta(), c, n_dev, c.data.batch_size)
     state, data_state, meta = restore_checked(checkpoints, state, 'last', c)
     start_step = int(data_state['next_index'])
     assert start_step == int(state.step), (start_step, int(state.step))
@@ -423,7 +471,8 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
           c.optimizer.eta, c.hessian.lanczos_iters, c.hessian.seed))
     if last or done_epochs % c.checkpoint.every_epochs == 0:
       checkpoints.save(step, state, batch_iter.get_state(),
-                       {'epoch': done_epochs, **{k: float(v) for k, v in scalars.items()}}, score)
+                       {'epoch': done_epochs, **layout,
+                        **{k: float(v) for k, v in scalars.items()}}, score)
 
   checkpoints.wait()
   checkpoints.close()
