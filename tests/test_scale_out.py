@@ -156,8 +156,8 @@ for method in METHODS:
       'micro4_1dev_vs_per_device8': diff(run(method, 1, micro=4), run(method, 8, 'per_device')),
       'micro2_per_device8_vs_1dev': diff(run(method, 8, 'per_device', micro=2),
                                          run(method, 1, micro=2)),
-      'micro2_global8_fsdp_vs_1dev': diff(run(method, 8, params='fsdp', micro=2),
-                                          run(method, 1, micro=2)),
+      'micro2_per_device8_fsdp_vs_1dev': diff(run(method, 8, 'per_device', 'fsdp', micro=2),
+                                              run(method, 1, micro=2)),
       'micro2_vs_global': diff(run(method, 1, micro=2), one),
   }
 print(json.dumps(out))
@@ -172,7 +172,7 @@ def test_layouts_agree_in_float64():
   for method, r in out.items():
     for key in ('global8', 'global8_fsdp', 'per_device_fsdp_vs_replicated',
                 'micro4_1dev_vs_per_device8', 'micro2_per_device8_vs_1dev',
-                'micro2_global8_fsdp_vs_1dev'):
+                'micro2_per_device8_fsdp_vs_1dev'):
       assert r[key] <= 1e-12, (method, key, r[key])
     assert r['micro2_vs_global'] > 1e-3, method  # microbatches do change the method
     assert r['fsdp_bytes_ratio'] < 0.2, method  # ~1/8 of the state per device
@@ -238,9 +238,9 @@ def test_resume_that_would_change_the_perturbation_is_refused(tmp_path):
   per_device = {'perturbation_scope': 'per_device'}
   r = train_in_steps(tmp_path, 'pd', 8, 4, per_device)
   assert 'per-device perturbations on 8 devices (m = 4' in r['error']
-  assert 'perturbation_microbatch' in r['error']
+  assert "perturbation_scope='microbatch'" in r['error']
   r = train_in_steps(tmp_path, 'scope', 8, 8, per_device, {})
   assert "perturbation_scope='per_device'" in r['error']
   # fixed microbatches do not depend on the device count: resuming on 4 is allowed
-  micro = {'perturbation_scope': 'per_device', 'perturbation_microbatch': 2}
+  micro = {'perturbation_scope': 'microbatch', 'perturbation_microbatch': 2}
   assert 'params' in train_in_steps(tmp_path, 'micro', 8, 4, micro)

@@ -107,6 +107,23 @@ def test_bad_config_rejected_before_compiling(npz, tmp_path, key, value, match):
   assert not (tmp_path / 'checkpoints').exists()
 
 
+@pytest.mark.parametrize('overrides,match', [
+    ({'perturbation_scope': 'm-sharpness'}, 'perturbation_scope must be one of'),
+    ({'perturbation_scope': 'microbatch'}, 'perturbation_microbatch must be an integer >= 1'),
+    ({'perturbation_microbatch': 4}, 'and 0 otherwise'),
+    ({'perturbation_scope': 'microbatch', 'perturbation_microbatch': 5},
+     'does not divide data.batch_size=32'),
+    # the last, smaller batch (no drop_remainder) does not split into 16s
+    ({'perturbation_scope': 'microbatch', 'perturbation_microbatch': 16},
+     r'per-device batches of \[\d+\] examples do not split into microbatches'),
+    ({'parameter_sharding': 'zero3'}, 'parameter_sharding must be one of'),
+])
+def test_bad_scale_out_config_rejected(npz, tmp_path, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    trainer.train(small_config(npz, **overrides), tmp_path, progress=False)
+  assert not (tmp_path / 'checkpoints').exists()
+
+
 @pytest.mark.parametrize('eta,match', [(1.0, 'no tail'), (10**6, 'no head')])
 def test_eta_must_leave_head_and_tail(npz, tmp_path, eta, match):
   with pytest.raises(ValueError, match=match):

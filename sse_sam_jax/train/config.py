@@ -17,6 +17,7 @@ from sse_sam_jax.train.schedules import SCHEDULES
 from sse_sam_jax.train.sharding import PARAMETER_SHARDINGS
 
 DATASETS = ('mnist1d', 'cifar10', 'cifar100', 'npz', 'imagenet_lt', 'inaturalist2018')
+PERTURBATION_SCOPES = ('global', 'per_device', 'microbatch')
 OPTIMIZERS = ('sgd', 'sam', 'imbsam', 'group_sam', 'sse_sam', 'sam_then_imbsam')
 
 
@@ -46,10 +47,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 25
   c.num_devices = 0  # 0: all local devices
   # 'global': the perturbation of the whole batch (what one device computes);
-  # 'per_device': every device perturbs from its own shard (m-sharpness), via shard_map.
+  # 'per_device': every device perturbs from its own shard (m-sharpness), via shard_map;
+  # 'microbatch': every run of perturbation_microbatch consecutive examples is perturbed
+  # on its own (m-sharpness with ghost BatchNorm), the same on any device count.
   c.perturbation_scope = 'global'
-  # m > 0: every run of m consecutive examples of the batch is perturbed on its own
-  # (m-sharpness with ghost BatchNorm), whatever the device count; 0: the whole scope.
   c.perturbation_microbatch = 0
   # 'replicated' or 'fsdp': arrays of >= fsdp_min_elements split over the devices.
   c.parameter_sharding = 'replicated'
@@ -93,12 +94,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.data.name != 'imagenet_lt' or (c.data.train_list and c.data.test_list),
         "data.name='imagenet_lt' needs data.train_list and data.test_list (the ImageNet-LT "
         "split files ImageNet_LT_train.txt / ImageNet_LT_test.txt).")
-  check(c.perturbation_scope in ('global', 'per_device'),
-        f"perturbation_scope must be 'global' or 'per_device', got {c.perturbation_scope!r}.")
+  check(c.perturbation_scope in PERTURBATION_SCOPES,
+        f'perturbation_scope must be one of {PERTURBATION_SCOPES}, got {c.perturbation_scope!r}.')
+  micro = c.perturbation_scope == 'microbatch'
   check(int(c.perturbation_microbatch) == c.perturbation_microbatch
-        and c.perturbation_microbatch >= 0,
-        f'perturbation_microbatch must be an integer >= 0, got {c.perturbation_microbatch}.')
-  check(not c.perturbation_microbatch or c.data.batch_size % c.perturbation_microbatch == 0,
+        and (c.perturbation_microbatch >= 1 if micro else c.perturbation_microbatch == 0),
+        "perturbation_microbatch must be an integer >= 1 with perturbation_scope='microbatch' "
+        f'and 0 otherwise, got {c.perturbation_microbatch}.')
+  check(not micro or c.data.batch_size % c.perturbation_microbatch == 0,
         f'perturbation_microbatch={c.perturbation_microbatch} does not divide '
         f'data.batch_size={c.data.batch_size}.')
   check(c.parameter_sharding in PARAMETER_SHARDINGS,

@@ -96,7 +96,10 @@ def per_microbatch(step_fn, size: int, axis: str = MICROBATCH_AXIS):
   direction across ``axis`` (``ssj.mean_across(axis)``), after which every
   microbatch's update is the same and the first is kept. The running statistics
   are averaged and the metric sums added over microbatches. The result depends
-  on ``size`` only, not on how the batch lies on devices.
+  on ``size`` only, not on how the batch lies on devices. On several devices
+  run it inside :func:`per_device`: under a plain global ``jit`` the compiler
+  gathers the activations of the vmapped convolutions across devices
+  (``benchmarks/collectives.py``).
   """
 
   def step(state, batch):

@@ -104,7 +104,7 @@ def build_optimizer(c, steps_per_epoch: int):
 
   With ``perturbation_scope='per_device'`` the direction is averaged across the
   mesh's ``data`` axis right after the sharpness-aware transform; with
-  ``perturbation_microbatch=m`` across the microbatches (and devices) too.
+  ``perturbation_scope='microbatch'`` across the microbatches and devices.
   """
   o = c.optimizer
   lr = schedules.make(o.schedule, o.lr, c.epochs, steps_per_epoch,
@@ -122,10 +122,10 @@ def build_optimizer(c, steps_per_epoch: int):
                           [switch]),
   }[o.name]
   parts = [direction()] if direction else []
-  axes = (('data',) if c.perturbation_scope == 'per_device' else ()) + (
-      (MICROBATCH_AXIS,) if c.perturbation_microbatch else ())
-  if axes:
-    parts.append(ssj.mean_across(axes))
+  if c.perturbation_scope == 'per_device':
+    parts.append(ssj.mean_across('data'))
+  elif c.perturbation_scope == 'microbatch':
+    parts.append(ssj.mean_across(('data', MICROBATCH_AXIS)))
   parts += [optax.add_decayed_weights(o.weight_decay), optax.sgd(lr, momentum=o.momentum)]
   return optax.chain(*parts), boundaries
 
@@ -220,21 +220,18 @@ def prepare(c) -> Run:
 
 
 def check_batch_sizes(c, batch_sizes, n_dev: int) -> None:
-  """Every batch must split over the devices, and the per-device (or global) batch
-  into whole microbatches; raises before anything compiles."""
+  """Every batch must split over the devices, and with microbatches every device's
+  shard into whole microbatches; raises before anything compiles."""
   bad = [b for b in batch_sizes if b % n_dev]
   if bad:
     raise ValueError(f'batch sizes {bad} do not divide over {n_dev} devices; set '
                      'data.drop_remainder=True or a batch size divisible by the device count.')
   m = c.perturbation_microbatch
-  if m:
-    per = n_dev if c.perturbation_scope == 'per_device' else 1
-    bad = [b // per for b in batch_sizes if (b // per) % m]
-    if bad:
-      where = 'per-device batches' if per > 1 else 'batches'
-      raise ValueError(f'{where} of {bad} examples do not split into microbatches of '
-                       f'perturbation_microbatch={m}; choose m dividing them (or '
-                       'data.drop_remainder=True).')
+  bad = [b // n_dev for b in batch_sizes if m and (b // n_dev) % m]
+  if bad:
+    raise ValueError(f'per-device batches of {bad} examples do not split into microbatches of '
+                     f'perturbation_microbatch={m}; choose m dividing them (or '
+                     'data.drop_remainder=True).')
 
 
 def perturbation_layout(c, n_dev: int) -> dict:
@@ -249,8 +246,8 @@ def check_resume_layout(saved: dict, c, n_dev: int, batch_size: int) -> None:
 
   Global perturbations and fixed microbatches do not depend on the device
   count, so such runs resume on any mesh (Orbax reshards the state). Per-device
-  perturbations without microbatches perturb from ``batch / devices`` examples:
-  resuming on another device count would change that ``m``.
+  perturbations perturb from ``batch / devices`` examples: resuming on another
+  device count would change that ``m``.
   """
   now = perturbation_layout(c, n_dev)
   if 'devices' not in saved:  # checkpoints from before the layout was recorded
@@ -260,14 +257,13 @@ def check_resume_layout(saved: dict, c, n_dev: int, batch_size: int) -> None:
       raise ValueError(f'the checkpoint was trained with {key}={saved[key]!r}, this config '
                        f'has {now[key]!r}; resuming would change the method. Use the same '
                        'value or a new workdir.')
-  if (c.perturbation_scope == 'per_device' and not c.perturbation_microbatch
-      and saved['devices'] != n_dev):
+  if c.perturbation_scope == 'per_device' and saved['devices'] != n_dev:
     raise ValueError(
         f"the checkpoint was trained with per-device perturbations on {saved['devices']} "
         f"devices (m = {batch_size // saved['devices']} examples per perturbation); this mesh "
         f'has {n_dev} devices (m = {batch_size // n_dev}). Resume on {saved["devices"]} '
-        'devices (num_devices=...), or train with perturbation_microbatch=m, which fixes m '
-        'whatever the device count.')
+        "devices (num_devices=...), or train with perturbation_scope='microbatch', which "
+        'fixes m whatever the device count.')
 
 
 
@@ -368,7 +364,9 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   train_step = CompiledTrainStep(
       model, run.tx, run.loss, run.class_groups, boundaries=run.boundaries,
       state_sharding=run.state_sharding, batch_sharding=batch_sharding,
-      per_device_axis='data' if c.perturbation_scope == 'per_device' else None,
+      # microbatches run per device too (shard_map): the same microbatches as on one
+      # device, and GSPMD would gather the activations of the vmapped convolutions
+      per_device_axis=None if c.perturbation_scope == 'global' else 'data',
       microbatch=c.perturbation_microbatch or None)
   layout = perturbation_layout(c, n_dev)
 
