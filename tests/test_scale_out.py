@@ -244,3 +244,68 @@ def test_resume_that_would_change_the_perturbation_is_refused(tmp_path):
   # fixed microbatches do not depend on the device count: resuming on 4 is allowed
   micro = {'perturbation_scope': 'microbatch', 'perturbation_microbatch': 2}
   assert 'params' in train_in_steps(tmp_path, 'micro', 8, 4, micro)
+
+
+MULTIHOST = r'''
+import json, sys
+root, process_id, port, workdir, phase = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+sys.path.insert(0, root)
+import jax
+jax.config.update('jax_num_cpu_devices', 4)
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
+                           process_id=process_id)
+import numpy as np
+from jax.experimental import multihost_utils
+from tests.test_trainer import make_npz, small_config
+from sse_sam_jax.train import trainer
+npz = make_npz(f'{workdir}/blobs{process_id}.npz')
+c = small_config(npz, **{'optimizer.name': 'sse_sam', 'epochs': 4, 'data.drop_remainder': True,
+                         'optimizer.gamma': 0.5, 'fsdp_min_elements': 256,
+                         'parameter_sharding': 'fsdp'})
+if phase == 'stop':
+  trainer.train(c, f'{workdir}/run', progress=False, stop_after_steps=17)
+  print(json.dumps({}))
+else:
+  r = trainer.train(c, f'{workdir}/run', progress=False)
+  params = multihost_utils.process_allgather(r['state'].params, tiled=True)
+  print(json.dumps({'params': [np.asarray(l).ravel().tolist() for l in jax.tree.leaves(params)],
+                    'test': r['test']['all'], 'hosts': jax.process_count(),
+                    'devices': len(jax.devices()), 'local': len(jax.local_devices())}))
+'''
+
+
+def run_two_hosts(workdir, phase, timeout=600):
+  import socket
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  procs = [subprocess.Popen([sys.executable, '-c', MULTIHOST, str(ROOT), str(i), str(port),
+                             str(workdir), phase], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  outs = [p.communicate(timeout=timeout) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-4000:]
+  return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
+def test_two_processes_fsdp_killed_and_resumed_match_one_process(tmp_path):
+  """2 hosts x 4 CPU devices (jax.distributed, gloo collectives), FSDP state, stopped
+  after step 17 and resumed: the same parameters as one 8-device process run through."""
+  (tmp_path / 'one').mkdir()
+  one = run_with_devices(RESHARD, tmp_path / 'one', 'run', 8, 0, '{}')
+  run_two_hosts(tmp_path, 'stop')
+  hosts = run_two_hosts(tmp_path, 'run')
+  import numpy as np
+  for h in hosts:
+    assert (h['hosts'], h['devices'], h['local']) == (2, 8, 4)
+    for a, b in zip(one['params'], h['params']):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+  assert hosts[0]['test'] == hosts[1]['test']
+  # the first host alone writes the metrics; the resumed run replaced the lines of the
+  # steps it redid: one line per logged step, as in the uninterrupted run
+  lines = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  steps = [l['step'] for l in lines if 'train_loss' in l]
+  assert steps == sorted(set(steps)) and steps[-1] == 28
+  assert (tmp_path / 'run' / 'results.json').exists()

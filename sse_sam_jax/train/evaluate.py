@@ -10,7 +10,7 @@ from sse_sam_jax.data import ClassStats, Split
 
 
 def make_predict(model, flip_tta: bool = False):
-  """Jitted ``(params, batch_stats, x) -> class probabilities`` in eval mode."""
+  """Jitted ``(params, batch_stats, x) -> predicted class ids`` in eval mode."""
 
   @jax.jit
   def predict(params, batch_stats, x):
@@ -19,9 +19,44 @@ def make_predict(model, flip_tta: bool = False):
       flipped = x[:, :, ::-1] if x.ndim == 4 else x[:, ::-1]
       probs = 0.5 * (probs + jax.nn.softmax(
           model.apply(params, batch_stats, flipped, train=False)[0], axis=-1))
-    return probs
+    return jnp.argmax(probs, axis=-1).astype(jnp.int32)
 
   return predict
+
+
+def predict_split(predict, params, batch_stats, x, batch_size: int = 1000,
+                  batch_sharding=None, transform=None) -> np.ndarray:
+  """Predictions for the examples ``x`` (an array or a lazy image reader), in batches.
+
+  With ``batch_sharding`` every batch is split over the mesh (padded to a
+  multiple of its size); on several hosts each host reads only its rows of
+  every batch and the predictions are gathered to every host.
+  """
+  n_shards = 1 if batch_sharding is None else batch_sharding.mesh.size
+  n_hosts, host = jax.process_count(), jax.process_index()
+  preds = []
+  for start in range(0, len(x), batch_size):
+    stop = min(start + batch_size, len(x))
+    size = stop - start + (-(stop - start) % n_shards)  # padded with the batch's last rows
+    index = np.minimum(np.arange(start, start + size), stop - 1)
+    if n_hosts > 1:  # this host's rows of the padded batch
+      index = np.array_split(index, n_hosts)[host]
+    rows = x[index[0]:index[-1] + 1]
+    if len(rows) < len(index):  # padding beyond the end
+      rows = np.concatenate([rows, np.repeat(rows[-1:], len(index) - len(rows), axis=0)])
+    rows = rows if transform is None else transform(rows)
+    if batch_sharding is None:
+      batch = rows
+    elif n_hosts > 1:
+      batch = jax.make_array_from_process_local_data(batch_sharding, rows)
+    else:
+      batch = jax.device_put(rows, batch_sharding)
+    out = predict(params, batch_stats, batch)
+    if n_hosts > 1:
+      from jax.experimental import multihost_utils
+      out = multihost_utils.process_allgather(out, tiled=True)
+    preds.append(np.asarray(out)[:stop - start])
+  return np.concatenate(preds) if preds else np.zeros([0], np.int32)
 
 
 def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
@@ -46,13 +81,11 @@ def metrics_from_confusion(confusion: np.ndarray, stats: ClassStats) -> dict:
 
 
 def evaluate(predict, params, batch_stats, split: Split, stats: ClassStats,
-             batch_size: int = 1000, transform=None) -> dict:
-  preds = []
-  for start in range(0, len(split), batch_size):
-    x = split.x[start:start + batch_size]
-    x = x if transform is None else transform(x)
-    preds.append(np.asarray(jnp.argmax(predict(params, batch_stats, x), axis=-1)))
-  confusion = confusion_matrix(split.label, np.concatenate(preds), split.num_classes)
+             batch_size: int = 1000, transform=None, batch_sharding=None) -> dict:
+  """Accuracy metrics of ``split`` (see :func:`metrics_from_confusion`) and its confusion."""
+  preds = predict_split(predict, params, batch_stats, split.x, batch_size, batch_sharding,
+                        transform)
+  confusion = confusion_matrix(split.label, preds, split.num_classes)
   result = metrics_from_confusion(confusion, stats)
   result['confusion'] = confusion.tolist()
   return result

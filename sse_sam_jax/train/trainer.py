@@ -134,14 +134,19 @@ def build_optimizer(c, steps_per_epoch: int):
 # Logging
 # ----------------------------------------------------------------------------
 class MetricLog:
-  """JSON lines + TensorBoard."""
+  """JSON lines + TensorBoard, written by the first host only (every host computes the
+  same metrics)."""
 
   def __init__(self, workdir: pathlib.Path):
     self.path = workdir / 'metrics.jsonl'
-    from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(str(workdir / 'tensorboard'))
+    self.tb = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(workdir / 'tensorboard'))
 
   def write(self, step: int, **scalars):
+    if self.tb is None:
+      return
     with self.path.open('a') as f:
       f.write(json.dumps({'step': step, **scalars}) + '\n')
     for k, v in scalars.items():
@@ -149,8 +154,20 @@ class MetricLog:
         self.tb.add_scalar(k, v, step)
     self.tb.flush()
 
+  def discard_after(self, step: int):
+    """Drops the lines of steps after ``step`` (a resumed run redoes them)."""
+    if self.tb is None or not self.path.exists():
+      return
+    lines = self.path.read_text().splitlines(keepends=True)
+    kept = [l for l in lines if json.loads(l)['step'] <= step]
+    if len(kept) < len(lines):
+      tmp = self.path.with_suffix('.tmp')
+      tmp.write_text(''.join(kept))
+      tmp.replace(self.path)
+
   def close(self):
-    self.tb.close()
+    if self.tb is not None:
+      self.tb.close()
 
 
 def plot_per_class(per_class, counts, path, title=''):
@@ -341,7 +358,8 @@ def evaluate_checkpoint(c, workdir, which: str = 'best') -> dict:
   for name, split in (('val', run.data.val), ('test', run.data.test)):
     if split is not None:
       result[name] = eval_lib.evaluate(predict, state.params, state.batch_stats, split,
-                                       run.stats, c.eval.batch_size)
+                                       run.stats, c.eval.batch_size,
+                                       batch_sharding=run.batch_sharding)
   result['table'] = eval_lib.format_table({f'{c.optimizer.name} ({which})': result['test']})
   return result
 
@@ -395,6 +413,7 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   compile_s = train_step.precompile(state, shapes)
   predict = eval_lib.make_predict(model, c.eval.flip_tta)
   log = MetricLog(workdir)
+  log.discard_after(start_step)
   print(f'{c.data.name}: {len(lt.train)} train examples, class counts '
         f'{stats.counts.min()}..{stats.counts.max()}, {steps_per_epoch} steps/epoch; '
         f'{c.optimizer.name}, {n_dev} device(s); {train_step.compiles} program(s) compiled '
@@ -402,7 +421,7 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
 
   def evaluate(split):
     return eval_lib.evaluate(predict, state.params, state.batch_stats, split, stats,
-                             c.eval.batch_size)
+                             c.eval.batch_size, batch_sharding=batch_sharding)
 
   from tqdm.auto import tqdm
   step = start_step
@@ -482,8 +501,9 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
     if split is not None:
       result[split_name] = evaluate(split)
   result['table'] = eval_lib.format_table({c.optimizer.name: result['test']})
-  (workdir / 'results.json').write_text(json.dumps(result, indent=1))
-  plot_per_class(result['test']['per_class'], stats.counts, workdir / 'per_class_accuracy.png',
-                 f'{c.data.name}, {c.optimizer.name}')
+  if jax.process_index() == 0:
+    (workdir / 'results.json').write_text(json.dumps(result, indent=1))
+    plot_per_class(result['test']['per_class'], stats.counts, workdir / 'per_class_accuracy.png',
+                   f'{c.data.name}, {c.optimizer.name}')
   result['state'] = state  # not in results.json
   return result
