@@ -160,14 +160,25 @@ for method in METHODS:
                                               run(method, 1, micro=2)),
       'micro2_vs_global': diff(run(method, 1, micro=2), one),
   }
+# evaluation split over 8 devices (37 examples in batches of 10: padded) == unsplit
+from sse_sam_jax.train import evaluate
+predict = evaluate.make_predict(model)
+x = rng.normal(size=(37, 40))
+st = jax.device_get(run('sam', 1))  # host arrays: usable on any mesh
+whole = evaluate.predict_split(predict, st.params, st.batch_stats, x, 10)
+split8 = evaluate.predict_split(predict, st.params, st.batch_stats, x, 10,
+                                sharding.batch_sharding(sharding.make_mesh(8)))
+out['eval_split_equal'] = bool(np.array_equal(whole, split8)) and whole.shape == (37,)
 print(json.dumps(out))
 '''
 
 
 def test_layouts_agree_in_float64():
   """Global mode on 8 devices == 1 device, FSDP == replicated, and microbatches of m
-  give the same result on any device count (all float64, to 1e-12)."""
+  give the same result on any device count (all float64, to 1e-12); evaluation split
+  over 8 devices gives the same predictions."""
   out = run_with_devices(LAYOUTS)
+  assert out.pop('eval_split_equal')
   assert set(out) == {'sam', 'imbsam', 'sse_sam'}
   for method, r in out.items():
     for key in ('global8', 'global8_fsdp', 'per_device_fsdp_vs_replicated',
