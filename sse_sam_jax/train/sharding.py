@@ -6,7 +6,8 @@ it) or **FSDP-style sharded**: every array of at least ``min_elements``
 elements is split along its largest dimension that the device count divides,
 so parameters and momentum at rest take ``1/n`` of the memory per device. The
 compiler (GSPMD) then gathers the parameters for each forward/backward pass
-and reduce-scatters the gradients; the sharpness-aware perturbation
+and reduces the gradients onto the shards (XLA:CPU with an all-reduce and a
+slice; see ``benchmarks/collectives.py``); the sharpness-aware perturbation
 ``w + rho g/||g||`` and the optimizer update run on the shards.
 
 Example:
