@@ -230,10 +230,19 @@ def test_hessian_callback_and_cli(npz, tmp_path):
 
 
 def test_checkpoint_of_another_config_is_a_clear_error(npz, tmp_path):
-  trainer.train(small_config(npz, **{'optimizer.name': 'sgd', 'epochs': 1}), tmp_path,
-                progress=False)
-  with pytest.raises(ValueError, match='does not fit'):
-    trainer.evaluate_checkpoint(small_config(npz, **{'optimizer.name': 'sse_sam'}), tmp_path)
+  sgd = small_config(npz, **{'optimizer.name': 'sgd', 'epochs': 1})
+  trained = trainer.train(sgd, tmp_path, progress=False)
+  # resuming needs the optimizer state: another optimizer's checkpoint does not fit
+  with pytest.raises(ValueError, match="does not fit model 'mlp' with optimizer 'sse_sam'"):
+    trainer.train(small_config(npz, **{'optimizer.name': 'sse_sam', 'epochs': 2}), tmp_path,
+                  progress=False)
+  # evaluating reads the model alone: any optimizer's checkpoint of the same model fits
+  other = trainer.evaluate_checkpoint(
+      small_config(npz, **{'optimizer.name': 'sse_sam', 'perturbation_scope': 'per_device'}),
+      tmp_path, which='last')
+  assert other['test']['confusion'] == trained['test']['confusion']
+  with pytest.raises(ValueError, match="does not fit model 'mlp' on 'npz'"):
+    trainer.evaluate_checkpoint(small_config(npz, **{'model.normed_classifier': True}), tmp_path)
 
 
 def test_many_medium_few_on_a_crafted_confusion():

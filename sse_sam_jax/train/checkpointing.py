@@ -50,11 +50,27 @@ class Checkpoints:
         meta=ocp.args.JsonRestore()))
     return restored['state'], restored['data'], restored['meta']
 
+  def restore_model(self, state, which='last') -> tuple[dict, dict]:
+    """The step, parameters and BatchNorm statistics alone of the newest (or best)
+    checkpoint, placed like ``state``'s; the optimizer state is not read, so the
+    checkpoint of any optimizer or perturbation scope with the same model fits.
+    Returns ``({'step', 'params', 'batch_stats'}, meta)``."""
+    manager = self.last if which == 'last' else self.best
+    step = manager.latest_step() if which == 'last' else manager.best_step()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {
+        'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats})
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+    return restored['state'], restored['meta']
+
   def meta(self, which='last') -> dict:
     """The metadata of the newest checkpoint alone (read before restoring the state)."""
     manager = self.last if which == 'last' else self.best
-    return manager.restore(manager.latest_step(),
-                           args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    step = manager.latest_step() if which == 'last' else manager.best_step()
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def wait(self):
     self.last.wait_until_finished()

@@ -251,6 +251,14 @@ def check_batch_sizes(c, batch_sizes, n_dev: int) -> None:
                      'data.drop_remainder=True).')
 
 
+def model_signature(state) -> str:
+  """A digest of the names, shapes and dtypes of the parameters and BatchNorm statistics."""
+  import hashlib
+  leaves = jax.tree_util.tree_flatten_with_path((state.params, state.batch_stats))[0]
+  text = ';'.join(f'{jax.tree_util.keystr(path)}:{x.shape}:{x.dtype}' for path, x in leaves)
+  return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
 def perturbation_layout(c, n_dev: int) -> dict:
   """What defines the perturbation's examples; saved with every checkpoint."""
   return {'devices': n_dev, 'perturbation_scope': c.perturbation_scope,
@@ -284,14 +292,21 @@ def check_resume_layout(saved: dict, c, n_dev: int, batch_size: int) -> None:
 
 
 
-def restore_checked(checkpoints, abstract_state, which, c):
+def restore_checked(checkpoints, abstract_state, which, c, *, model_only: bool = False):
+  """The full state (to resume), or with ``model_only`` just step, parameters and
+  BatchNorm statistics (to evaluate or analyse); a mismatch is a ``ValueError``."""
   try:
+    if model_only:
+      saved = checkpoints.meta(which).get('model_signature')
+      if saved is not None and saved != model_signature(abstract_state):
+        raise ValueError(f'model signature {saved} != {model_signature(abstract_state)}')
+      return checkpoints.restore_model(abstract_state, which=which)
     return checkpoints.restore(abstract_state, which=which)
   except Exception as e:  # orbax reports tree/shape mismatches in several types
+    what = f'model {c.model.name!r}' + ('' if model_only else f' with optimizer {c.optimizer.name!r}')
     raise ValueError(
-        f'the checkpoint does not fit model {c.model.name!r} with optimizer '
-        f'{c.optimizer.name!r} on {c.data.name!r} (was it written by another config?): '
-        f'{type(e).__name__}: {str(e)[:300]}') from e
+        f'the checkpoint does not fit {what} on {c.data.name!r} (was it written by another '
+        f'config?): {type(e).__name__}: {str(e)[:300]}') from e
 
 
 def hessian_subset(split: data_lib.Split, max_examples: int, seed: int) -> data_lib.Split:
@@ -323,17 +338,17 @@ def hessian_of_checkpoint(c, workdir, *, groups: str = 'head_tail', split: str =
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
   if checkpoints.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint in {pathlib.Path(workdir) / "checkpoints"}.')
-  state, _, _ = restore_checked(checkpoints, run.state, 'last', c)
+  state, _ = restore_checked(checkpoints, run.state, 'last', c, model_only=True)
   checkpoints.close()
   data = {'train': run.data.train, 'test': run.data.test, 'val': run.data.val}[split]
   if data is None:
     raise ValueError(f'no {split} split in this config.')
   data = hessian_subset(data, max_examples, seed)
-  step = int(state.step)
-  loss = analysis.model_loss(run.model, state.batch_stats,
+  step = int(state['step'])
+  loss = analysis.model_loss(run.model, state['batch_stats'],
                              lambda logits, y: run.loss(logits, y, step))
   result = analysis.group_spectra(
-      loss, state.params, data, analysis.groups_for(run.stats, groups, c.optimizer.eta),
+      loss, state['params'], data, analysis.groups_for(run.stats, groups, c.optimizer.eta),
       lanczos_iters=lanczos_iters, slq_probes=slq_probes, trace_probes=trace_probes, seed=seed)
   path = spectra_lib.write(result, workdir)
   lines = ['| group | examples | lambda_min | lambda_max | trace |', '| --- | --- | --- | --- | --- |']
@@ -344,20 +359,23 @@ def hessian_of_checkpoint(c, workdir, *, groups: str = 'head_tail', split: str =
 
 
 def evaluate_checkpoint(c, workdir, which: str = 'best') -> dict:
-  """Evaluates the best (else the last) checkpoint of ``workdir`` on val and test."""
+  """Evaluates the best (else the last) checkpoint of ``workdir`` on val and test.
+
+  Reads only the model (not the optimizer state): a checkpoint of any optimizer,
+  perturbation scope or mesh evaluates under any config with the same model."""
   run = prepare(c)
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
   if which == 'best' and checkpoints.best.latest_step() is None:
     which = 'last'
   if checkpoints.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint in {pathlib.Path(workdir) / "checkpoints"}.')
-  state, _, meta = restore_checked(checkpoints, run.state, which, c)
+  state, meta = restore_checked(checkpoints, run.state, which, c, model_only=True)
   checkpoints.close()
   predict = eval_lib.make_predict(run.model, c.eval.flip_tta)
-  result = {'checkpoint': which, 'step': int(state.step), 'meta': meta}
+  result = {'checkpoint': which, 'step': int(state['step']), 'meta': meta}
   for name, split in (('val', run.data.val), ('test', run.data.test)):
     if split is not None:
-      result[name] = eval_lib.evaluate(predict, state.params, state.batch_stats, split,
+      result[name] = eval_lib.evaluate(predict, state['params'], state['batch_stats'], split,
                                        run.stats, c.eval.batch_size,
                                        batch_sharding=run.batch_sharding)
   result['table'] = eval_lib.format_table({f'{c.optimizer.name} ({which})': result['test']})
@@ -386,7 +404,7 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
       # device, and GSPMD would gather the activations of the vmapped convolutions
       per_device_axis=None if c.perturbation_scope == 'global' else 'data',
       microbatch=c.perturbation_microbatch or None)
-  layout = perturbation_layout(c, n_dev)
+  layout = dict(perturbation_layout(c, n_dev), model_signature=model_signature(state))
 
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
   start_step = 0
