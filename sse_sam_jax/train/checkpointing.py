@@ -39,37 +39,37 @@ class Checkpoints:
   def latest_step(self):
     return self.last.latest_step()
 
-  def restore(self, abstract_state, step=None, which='last'):
-    manager = self.last if which == 'last' else self.best
-    step = manager.latest_step() if step is None else step
-    if which == 'best' and step is None:
-      step = manager.best_step()
+  def _newest(self, which: str):
+    """The manager of ``which`` ('last' or 'best') and its checkpoint's step."""
+    if which == 'last':
+      return self.last, self.last.latest_step()
+    return self.best, self.best.best_step()
+
+  def restore(self, abstract_state, which='last'):
+    """The full state, the data-iterator state and the metadata, placed like
+    ``abstract_state``."""
+    manager, step = self._newest(which)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
     return restored['state'], restored['data'], restored['meta']
 
-  def restore_model(self, state, which='last') -> tuple[dict, dict]:
-    """The step, parameters and BatchNorm statistics alone of the newest (or best)
-    checkpoint, placed like ``state``'s; the optimizer state is not read, so the
-    checkpoint of any optimizer or perturbation scope with the same model fits.
-    Returns ``({'step', 'params', 'batch_stats'}, meta)``."""
-    manager = self.last if which == 'last' else self.best
-    step = manager.latest_step() if which == 'last' else manager.best_step()
+  def restore_model(self, state, which='last') -> dict:
+    """The step, parameters and BatchNorm statistics alone, placed like ``state``'s;
+    the optimizer state is not read, so the checkpoint of any optimizer or
+    perturbation scope with the same model fits. Returns ``{'step', 'params',
+    'batch_stats'}``."""
+    manager, step = self._newest(which)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {
         'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats})
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-            partial_restore=True),
-        meta=ocp.args.JsonRestore()))
-    return restored['state'], restored['meta']
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True)))['state']
 
   def meta(self, which='last') -> dict:
-    """The metadata of the newest checkpoint alone (read before restoring the state)."""
-    manager = self.last if which == 'last' else self.best
-    step = manager.latest_step() if which == 'last' else manager.best_step()
+    """The metadata alone (read before the state, to check it)."""
+    manager, step = self._newest(which)
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def wait(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from sse_sam_jax.data import ClassStats, Split
 
@@ -53,7 +54,6 @@ def predict_split(predict, params, batch_stats, x, batch_size: int = 1000,
       batch = jax.device_put(rows, batch_sharding)
     out = predict(params, batch_stats, batch)
     if n_hosts > 1:
-      from jax.experimental import multihost_utils
       out = multihost_utils.process_allgather(out, tiled=True)
     preds.append(np.asarray(out)[:stop - start])
   return np.concatenate(preds) if preds else np.zeros([0], np.int32)

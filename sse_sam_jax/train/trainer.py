@@ -139,13 +139,13 @@ class MetricLog:
 
   def __init__(self, workdir: pathlib.Path):
     self.path = workdir / 'metrics.jsonl'
-    self.tb = None
-    if jax.process_index() == 0:
+    self.primary = jax.process_index() == 0
+    if self.primary:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(str(workdir / 'tensorboard'))
 
   def write(self, step: int, **scalars):
-    if self.tb is None:
+    if not self.primary:
       return
     with self.path.open('a') as f:
       f.write(json.dumps({'step': step, **scalars}) + '\n')
@@ -156,7 +156,7 @@ class MetricLog:
 
   def discard_after(self, step: int):
     """Drops the lines of steps after ``step`` (a resumed run redoes them)."""
-    if self.tb is None or not self.path.exists():
+    if not self.primary or not self.path.exists():
       return
     lines = self.path.read_text().splitlines(keepends=True)
     kept = [l for l in lines if json.loads(l)['step'] <= step]
@@ -166,7 +166,7 @@ class MetricLog:
       tmp.replace(self.path)
 
   def close(self):
-    if self.tb is not None:
+    if self.primary:
       self.tb.close()
 
 
@@ -244,7 +244,7 @@ def check_batch_sizes(c, batch_sizes, n_dev: int) -> None:
     raise ValueError(f'batch sizes {bad} do not divide over {n_dev} devices; set '
                      'data.drop_remainder=True or a batch size divisible by the device count.')
   m = c.perturbation_microbatch
-  bad = [b // n_dev for b in batch_sizes if m and (b // n_dev) % m]
+  bad = [b // n_dev for b in batch_sizes if (b // n_dev) % m] if m else []
   if bad:
     raise ValueError(f'per-device batches of {bad} examples do not split into microbatches of '
                      f'perturbation_microbatch={m}; choose m dividing them (or '
@@ -266,7 +266,7 @@ def perturbation_layout(c, n_dev: int) -> dict:
           'parameter_sharding': c.parameter_sharding}
 
 
-def check_resume_layout(saved: dict, c, n_dev: int, batch_size: int) -> None:
+def check_resume_layout(saved: dict, c, n_dev: int) -> None:
   """Refuses a resume that would silently change which examples a perturbation sees.
 
   Global perturbations and fixed microbatches do not depend on the device
@@ -274,9 +274,9 @@ def check_resume_layout(saved: dict, c, n_dev: int, batch_size: int) -> None:
   perturbations perturb from ``batch / devices`` examples: resuming on another
   device count would change that ``m``.
   """
-  now = perturbation_layout(c, n_dev)
   if 'devices' not in saved:  # checkpoints from before the layout was recorded
     return
+  now, batch_size = perturbation_layout(c, n_dev), c.data.batch_size
   for key in ('perturbation_scope', 'perturbation_microbatch'):
     if saved[key] != now[key]:
       raise ValueError(f'the checkpoint was trained with {key}={saved[key]!r}, this config '
@@ -291,22 +291,39 @@ def check_resume_layout(saved: dict, c, n_dev: int, batch_size: int) -> None:
         'fixes m whatever the device count.')
 
 
-
-def restore_checked(checkpoints, abstract_state, which, c, *, model_only: bool = False):
-  """The full state (to resume), or with ``model_only`` just step, parameters and
-  BatchNorm statistics (to evaluate or analyse); a mismatch is a ``ValueError``."""
+def restore_checked(checkpoints, abstract_state, which, c):
+  """The full state (to resume); a checkpoint of another config is a ``ValueError``."""
   try:
-    if model_only:
-      saved = checkpoints.meta(which).get('model_signature')
-      if saved is not None and saved != model_signature(abstract_state):
-        raise ValueError(f'model signature {saved} != {model_signature(abstract_state)}')
-      return checkpoints.restore_model(abstract_state, which=which)
     return checkpoints.restore(abstract_state, which=which)
   except Exception as e:  # orbax reports tree/shape mismatches in several types
-    what = f'model {c.model.name!r}' + ('' if model_only else f' with optimizer {c.optimizer.name!r}')
     raise ValueError(
-        f'the checkpoint does not fit {what} on {c.data.name!r} (was it written by another '
-        f'config?): {type(e).__name__}: {str(e)[:300]}') from e
+        f'the checkpoint does not fit model {c.model.name!r} with optimizer '
+        f'{c.optimizer.name!r} on {c.data.name!r} (was it written by another config?): '
+        f'{type(e).__name__}: {str(e)[:300]}') from e
+
+
+def restore_model(c, workdir, which: str = 'last'):
+  """``(run, {'step', 'params', 'batch_stats'}, meta)`` of the ``which`` checkpoint
+  ('last', or 'best' falling back to 'last'), for evaluation and analysis. Only the
+  model is read, so a checkpoint of any optimizer, perturbation scope or mesh fits a
+  config with the same model; another model (by the signature saved with the
+  checkpoint) is a ``ValueError``."""
+  run = prepare(c)
+  checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
+  if checkpoints.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint in {pathlib.Path(workdir) / "checkpoints"}.')
+  if which == 'best' and checkpoints.best.latest_step() is None:
+    which = 'last'
+  meta = checkpoints.meta(which)
+  saved, ours = meta.get('model_signature'), model_signature(run.state)
+  if saved is not None and saved != ours:
+    checkpoints.close()
+    raise ValueError(f'the checkpoint does not fit model {c.model.name!r} on {c.data.name!r} '
+                     f'(model signature {saved}, this config\'s {ours}); was it written by '
+                     'another config?')
+  state = checkpoints.restore_model(run.state, which)
+  checkpoints.close()
+  return run, state, dict(meta, checkpoint=which)
 
 
 def hessian_subset(split: data_lib.Split, max_examples: int, seed: int) -> data_lib.Split:
@@ -334,12 +351,7 @@ def hessian_of_checkpoint(c, workdir, *, groups: str = 'head_tail', split: str =
   """Per-group spectra of the last checkpoint of ``workdir``; writes JSON and a density plot."""
   from sse_sam_jax import analysis
   from sse_sam_jax.analysis import spectra as spectra_lib
-  run = prepare(c)
-  checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
-  if checkpoints.latest_step() is None:
-    raise FileNotFoundError(f'no checkpoint in {pathlib.Path(workdir) / "checkpoints"}.')
-  state, _ = restore_checked(checkpoints, run.state, 'last', c, model_only=True)
-  checkpoints.close()
+  run, state, _ = restore_model(c, workdir, 'last')
   data = {'train': run.data.train, 'test': run.data.test, 'val': run.data.val}[split]
   if data is None:
     raise ValueError(f'no {split} split in this config.')
@@ -359,26 +371,18 @@ def hessian_of_checkpoint(c, workdir, *, groups: str = 'head_tail', split: str =
 
 
 def evaluate_checkpoint(c, workdir, which: str = 'best') -> dict:
-  """Evaluates the best (else the last) checkpoint of ``workdir`` on val and test.
-
-  Reads only the model (not the optimizer state): a checkpoint of any optimizer,
-  perturbation scope or mesh evaluates under any config with the same model."""
-  run = prepare(c)
-  checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
-  if which == 'best' and checkpoints.best.latest_step() is None:
-    which = 'last'
-  if checkpoints.latest_step() is None:
-    raise FileNotFoundError(f'no checkpoint in {pathlib.Path(workdir) / "checkpoints"}.')
-  state, meta = restore_checked(checkpoints, run.state, which, c, model_only=True)
-  checkpoints.close()
+  """Evaluates the best (else the last) checkpoint of ``workdir`` on val and test
+  (any optimizer's or scope's checkpoint of this config's model, see :func:`restore_model`)."""
+  run, state, meta = restore_model(c, workdir, which)
   predict = eval_lib.make_predict(run.model, c.eval.flip_tta)
-  result = {'checkpoint': which, 'step': int(state['step']), 'meta': meta}
+  result = {'checkpoint': meta['checkpoint'], 'step': int(state['step']), 'meta': meta}
   for name, split in (('val', run.data.val), ('test', run.data.test)):
     if split is not None:
       result[name] = eval_lib.evaluate(predict, state['params'], state['batch_stats'], split,
                                        run.stats, c.eval.batch_size,
                                        batch_sharding=run.batch_sharding)
-  result['table'] = eval_lib.format_table({f'{c.optimizer.name} ({which})': result['test']})
+  result['table'] = eval_lib.format_table(
+      {f"{c.optimizer.name} ({meta['checkpoint']})": result['test']})
   return result
 
 
@@ -409,7 +413,7 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
   start_step = 0
   if checkpoints.latest_step() is not None:
-    check_resume_layout(checkpoints.meta(), c, n_dev, c.data.batch_size)
+    check_resume_layout(checkpoints.meta(), c, n_dev)
     state, data_state, meta = restore_checked(checkpoints, state, 'last', c)
     start_step = int(data_state['next_index'])
     assert start_step == int(state.step), (start_step, int(state.step))
