@@ -1,8 +1,14 @@
-"""sse-sam-jax: SAM, ImbSAM and SSE-SAM for long-tailed training in JAX/Optax."""
+"""sse-sam-jax: SAM, ImbSAM and SSE-SAM for long-tailed training in JAX/Optax.
+
+``import sse_sam_jax`` needs jax, optax and numpy only; the training system
+(``sse_sam_jax.train``, ``.data``, ``.models``, ``.analysis``) needs the
+``[train]`` extra: ``pip install 'sse-sam-jax[train]'``.
+"""
 
 from sse_sam_jax.optim import (
-    HEAD, TAIL, NORMALIZATIONS, SharpnessAwareState, StageSwitchState, example_groups,
-    group_coefficients, group_sam, imbsam, mean_across, perturb, sam, sam_then_imbsam, sse_sam,
-    stage_at, stage_switch, switch_step, tail_classes, validate_class_counts, validate_radius)
+    HEAD, TAIL, NORMALIZATIONS, SharpnessAwareState, StageSwitchState, bind_extra_args,
+    example_groups, group_coefficients, group_sam, imbsam, mean_across, microbatched, perturb,
+    resolve_mask, sam, sam_then_imbsam, sse_sam, stage_at, stage_switch, switch_step,
+    tail_classes, validate_class_counts, validate_radius)
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'

@@ -14,7 +14,19 @@ import importlib.util
 import pathlib
 import sys
 
-from sse_sam_jax.train import config as config_lib
+try:
+  from sse_sam_jax.train import config as config_lib
+except ModuleNotFoundError as missing:  # a core-only install: jax + optax
+  config_lib = None
+  _MISSING_MODULE = missing.name
+
+
+def _require_training_extra():
+  if config_lib is None:
+    raise SystemExit(
+        f"sse-sam-jax: the training system needs the [train] extra (missing module "
+        f"{_MISSING_MODULE!r}); install it with: pip install 'sse-sam-jax[train]' "
+        "(Python >= 3.12). The optimizers alone need only jax and optax.")
 
 
 def load_config(path: str | None, overrides: list[str]):
@@ -64,6 +76,7 @@ def main(argv=None):
   parser.add_argument('--max-examples', type=int, default=4096)
   parser.add_argument('overrides', nargs='*', help='dotted key=value config overrides')
   args = parser.parse_intermixed_args(argv)
+  _require_training_extra()
   c = load_config(args.config, args.overrides)
   try:
     config_lib.validate(c)

@@ -10,6 +10,16 @@ import optax
 
 import sse_sam_jax as ssj
 
+
+
+def enable_x64():
+  """``jax.enable_x64(True)``, or ``jax.experimental.enable_x64()`` on jax < 0.6."""
+  if hasattr(jax, 'enable_x64'):
+    return jax.enable_x64(True)
+  from jax.experimental import enable_x64 as legacy  # pylint: disable=g-import-not-at-top
+  return legacy()
+
+
 GOLDEN_DIR = pathlib.Path(__file__).parent / 'data' / 'golden'
 CASES = sorted(p.stem for p in GOLDEN_DIR.glob('*.json'))
 PARAM_NAMES = ('fc1_kernel', 'fc1_bias', 'fc2_kernel', 'fc2_bias', 'bn_scale', 'bn_bias')

@@ -16,7 +16,7 @@ def _max_rel_err(a, b):
 
 def _run(name, share_clean_pass, jit):
   meta, arrays = golden_cases.load(name)
-  with jax.enable_x64(True):
+  with golden_cases.enable_x64():
     tx = golden_cases.optimizer(meta)
     params = golden_cases.params_at(arrays, 0)
     opt_state = tx.init(params)

@@ -1,8 +1,10 @@
 """Sharpness-aware optax transformations for long-tailed training (jax + optax only)."""
 
+from sse_sam_jax.optim.accumulation import microbatched
+from sse_sam_jax.optim.composition import bind_extra_args, check_composition
 from sse_sam_jax.optim.grouping import HEAD, TAIL, example_groups, tail_classes, validate_class_counts
 from sse_sam_jax.optim.sharpness_aware import (
     NORMALIZATIONS, SharpnessAwareState, group_coefficients, group_sam, imbsam, mean_across, perturb,
-    sam, validate_radius)
+    resolve_mask, sam, validate_radius)
 from sse_sam_jax.optim.stage_switch import (
     StageSwitchState, sam_then_imbsam, sse_sam, stage_at, stage_switch, switch_step)

@@ -52,6 +52,27 @@ method                     passes                            units
 
 A group whose radius is the constant ``0.0`` is never perturbed: its clean
 gradient is used directly and no extra pass runs.
+
+**Radii** are floats, optax schedules of the step count, or scalar arrays, so
+``optax.inject_hyperparams(ssj.sam)(rho=0.05)`` makes them runtime values in the
+optimizer state (a concrete value is still checked; a traced one cannot be).
+
+**A subset of parameters.** ``mask=`` (a pytree of bools like ``params``, or a
+callable ``params -> pytree of bools``, as in ``optax.masked``) perturbs only the
+leaves marked ``True``: :math:`\hat g` is normalised over those leaves alone and
+the others stay at :math:`w` in every perturbed pass (as SAM-ON perturbs only
+the normalisation layers). The returned direction still covers every
+parameter.
+
+**Composition.** Put the transform first in its chain; see
+:mod:`sse_sam_jax.optim.composition` for the compositions that are refused and
+why, and the README's table for the recipes (clipping, ``apply_if_finite``,
+``MultiSteps``, ``lookahead``, Flax ``TrainState`` and ``nnx.Optimizer``).
+
+**State.** :class:`SharpnessAwareState` counts steps (for schedules) and the
+steps on which a perturbed loss was not finite (``notfinite_count``): a loss
+finite at :math:`w` and NaN at the perturbed point shows there, and an
+``optax.apply_if_finite`` placed after the transform skips that update.
 """
 
 from __future__ import annotations
@@ -64,34 +85,97 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sse_sam_jax.optim import composition
 
-Radius = Union[float, optax.Schedule]
+Radius = Union[float, optax.Schedule, jax.Array]
 
 NORMALIZATIONS = ('batch', 'group')
 NORM_EPS = 1e-16
 
 
 class SharpnessAwareState(NamedTuple):
-  """State of the sharpness-aware transformations: the step count (for rho schedules)."""
+  """State of the sharpness-aware transformations.
+
+  Attributes:
+    count: steps taken (the argument of radius schedules).
+    notfinite_count: steps on which a loss at a perturbed point was NaN or Inf.
+  """
   count: jax.Array
+  notfinite_count: jax.Array
+
+
+def _init_state(params):
+  del params
+  return SharpnessAwareState(count=jnp.zeros([], jnp.int32),
+                             notfinite_count=jnp.zeros([], jnp.int32))
+
+
+def _next_state(state, finite=None):
+  notfinite = state.notfinite_count
+  if finite is not None:
+    notfinite = notfinite + jnp.logical_not(finite).astype(notfinite.dtype)
+  return SharpnessAwareState(optax.safe_increment(state.count), notfinite)
+
+
+_TRACER_ERRORS = (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
+                  jax.errors.TracerIntegerConversionError, jax.errors.TracerBoolConversionError)
+
+
+def concrete_value(x):
+  """``x`` as a NumPy value, or ``None`` when it is traced (inside ``jit``)."""
+  try:
+    return np.asarray(x)
+  except _TRACER_ERRORS:
+    return None
 
 
 def validate_radius(rho: Radius, name: str = 'rho') -> Radius:
-  """Checks a radius (a float or an optax schedule) is finite and >= 0."""
+  """Checks a radius: a float, an optax schedule, or a scalar array; finite and >= 0.
+
+  A traced array (e.g. a radius held in ``optax.inject_hyperparams``' state
+  inside ``jit``) cannot be checked and is passed through; its concrete value
+  was checked when the state was built.
+  """
   if callable(rho):
     value = float(np.asarray(rho(0)))
     if not np.isfinite(value) or value < 0:
       raise ValueError(f'{name} schedule must be finite and >= 0; {name}(0) = {value}.')
     return rho
+  if isinstance(rho, (jax.Array, np.ndarray)):
+    if rho.shape != () or not jnp.issubdtype(rho.dtype, jnp.floating) and not jnp.issubdtype(
+        rho.dtype, jnp.integer):
+      raise TypeError(f'{name} must be a real scalar, got an array of shape {rho.shape} '
+                      f'and dtype {rho.dtype}.')
+    value = concrete_value(rho)
+    if value is not None and (not np.isfinite(value) or value < 0):
+      raise ValueError(f'{name} must be finite and >= 0, got {value}.')
+    return rho
   if not isinstance(rho, numbers.Real) or isinstance(rho, bool):
-    raise TypeError(f'{name} must be a float or an optax schedule, got {rho!r}.')
+    raise TypeError(f'{name} must be a float, an optax schedule or a scalar array, '
+                    f'got {rho!r}.')
   if not np.isfinite(rho) or rho < 0:
     raise ValueError(f'{name} must be finite and >= 0, got {rho}.')
   return float(rho)
 
 
 def _is_static_zero(rho: Radius) -> bool:
-  return not callable(rho) and rho == 0.0
+  """A Python ``0.0`` radius: the perturbed pass is left out of the program."""
+  return isinstance(rho, float) and rho == 0.0
+
+
+def resolve_mask(mask, params):
+  """``mask`` (pytree of bools, a prefix of ``params``, or a callable) as a full tree."""
+  if mask is None:
+    return None
+  if callable(mask):
+    mask = mask(params)
+  try:
+    return jax.tree_util.tree_map(
+        lambda m, sub: jax.tree_util.tree_map(lambda _: bool(m), sub), mask, params)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        'mask must be a pytree of Python bools with the structure of params (or a prefix '
+        f'of it), or a callable returning one: {e}') from None
 
 
 def _radius_at(rho: Radius, count: jax.Array):
@@ -105,16 +189,29 @@ def _global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves))
 
 
-def perturb(params, direction, rho):
+def perturb(params, direction, rho, mask=None):
   r"""Returns :math:`w + \rho\, d / (\lVert d \rVert + 10^{-16})`, in the dtype of ``params``.
 
-  A zero ``direction`` gives ``params`` back unchanged (never NaN).
+  A zero ``direction`` gives ``params`` back unchanged (never NaN). With
+  ``mask`` (a full pytree of bools, see :func:`resolve_mask`) only the marked
+  leaves move, and the norm is taken over them alone.
   """
-  norm = _global_norm(direction)
+  if mask is not None:
+    kept = [d for d, m in zip(jax.tree_util.tree_leaves(direction),
+                              jax.tree_util.tree_leaves(mask)) if m]
+    norm = _global_norm(kept) if kept else jnp.zeros([], jnp.float32)
+  else:
+    norm = _global_norm(direction)
   scale = rho / (norm + NORM_EPS)
-  return jax.tree.map(
-      lambda p, d: (p + scale.astype(jnp.result_type(p, norm)) * d).astype(p.dtype),
-      params, direction)
+
+  def move(p, d, m=True):
+    if not m:
+      return p
+    return (p + jnp.asarray(scale).astype(jnp.result_type(p, norm)) * d).astype(p.dtype)
+
+  if mask is None:
+    return jax.tree_util.tree_map(move, params, direction)
+  return jax.tree_util.tree_map(move, params, direction, mask)
 
 
 def _require(name: str, **values: Any) -> None:
@@ -122,13 +219,17 @@ def _require(name: str, **values: Any) -> None:
   if missing:
     raise TypeError(
         f'{name}.update() needs the keyword argument(s) {", ".join(missing)}; '
-        'see the sse_sam_jax.optim docs for what each means.')
+        'see the sse_sam_jax.optim docs for what each means. A wrapper that does not '
+        'forward extra arguments (e.g. optax.lookahead) needs them bound: '
+        f'ssj.bind_extra_args(ssj.{name}(...), loss_fn=loss_fn, ...).')
 
 
 def _vjp(loss_fn, params, cotangent):
+  """Gradient of ``cotangent @ loss_fn(params)``, and whether those losses were finite."""
   losses, vjp_fn = jax.vjp(loss_fn, params)
   _check_losses(losses, cotangent.shape[0])
-  return vjp_fn(cotangent.astype(losses.dtype))[0]
+  finite = jnp.all(jnp.isfinite(losses))
+  return vjp_fn(cotangent.astype(losses.dtype))[0], finite
 
 
 def _check_losses(losses, batch_size=None):
@@ -145,7 +246,7 @@ def _cast_like(tree, like):
   return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
 
 
-def sam(rho: Radius) -> optax.GradientTransformationExtraArgs:
+def sam(rho: Radius, *, mask=None) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization (Foret et al., 2021).
 
   .. math::
@@ -158,7 +259,10 @@ def sam(rho: Radius) -> optax.GradientTransformationExtraArgs:
   no extra pass).
 
   Args:
-    rho: radius, a float ``>= 0`` or an optax schedule of the step count.
+    rho: radius, a float ``>= 0``, an optax schedule of the step count, or a
+      scalar array (``optax.inject_hyperparams``).
+    mask: optional pytree of bools (or callable ``params -> bools``): perturb
+      only these parameters (see the module docs).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -178,15 +282,12 @@ def sam(rho: Radius) -> optax.GradientTransformationExtraArgs:
   """
   rho = validate_radius(rho)
 
-  def init_fn(params):
-    del params
-    return SharpnessAwareState(count=jnp.zeros([], jnp.int32))
-
   def update_fn(updates, state, params=None, *, loss_fn=None, loss_vjp=None,
                 **extra_args):
     del extra_args
+    composition.check_composition('sam', params)
     if _is_static_zero(rho):
-      return updates, SharpnessAwareState(optax.safe_increment(state.count))
+      return updates, _next_state(state)
     _require('sam', params=params, loss_fn=loss_fn)
     if loss_vjp is not None:
       losses, vjp_fn = loss_vjp
@@ -195,15 +296,16 @@ def sam(rho: Radius) -> optax.GradientTransformationExtraArgs:
       clean = vjp_fn(jnp.full((n,), 1.0 / n, losses.dtype))[0]
     else:
       clean = updates
-    perturbed = perturb(params, clean, _radius_at(rho, state.count))
+    perturbed = perturb(params, clean, _radius_at(rho, state.count),
+                        resolve_mask(mask, params))
     losses_p, vjp_p = jax.vjp(loss_fn, perturbed)
     _check_losses(losses_p)
     n = losses_p.shape[0]
     direction = vjp_p(jnp.full((n,), 1.0 / n, losses_p.dtype))[0]
     return (_cast_like(direction, params),
-            SharpnessAwareState(optax.safe_increment(state.count)))
+            _next_state(state, jnp.all(jnp.isfinite(losses_p))))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(_init_state, update_fn)
 
 
 def group_coefficients(group_ids: jax.Array, num_groups: int, normalization: str,
@@ -225,6 +327,7 @@ def group_coefficients(group_ids: jax.Array, num_groups: int, normalization: str
 def group_sam(rhos: Sequence[Radius], *, normalization: str = 'batch',
               group_weights: Sequence[float] | None = None,
               class_groups: Sequence[int] | None = None,
+              mask=None, name: str = 'group_sam',
               ) -> optax.GradientTransformationExtraArgs:
   r"""Group-wise SAM: every group of examples is perturbed with its own radius.
 
@@ -245,6 +348,9 @@ def group_sam(rhos: Sequence[Radius], *, normalization: str = 'batch',
     group_weights: a multiplier per group (default all 1).
     class_groups: optional int ``[num_classes]`` giving each class's group, so
       that ``update`` may be called with ``labels`` instead of ``group_ids``.
+    mask: optional pytree of bools (or callable ``params -> bools``): perturb
+      only these parameters, for every group (see the module docs).
+    name: the name used in error messages.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``,
@@ -258,26 +364,20 @@ def group_sam(rhos: Sequence[Radius], *, normalization: str = 'batch',
     raise ValueError(f'normalization must be one of {NORMALIZATIONS}, got {normalization!r}.')
   if group_weights is None:
     group_weights = (1.0,) * num_groups
-  group_weights = tuple(float(w) for w in group_weights)
-  if len(group_weights) != num_groups or any(
-      not np.isfinite(w) or w < 0 for w in group_weights):
+  group_weights = tuple(_check_weight(w, i) for i, w in enumerate(group_weights))
+  if len(group_weights) != num_groups:
     raise ValueError(
         f'group_weights must be {num_groups} finite non-negative numbers, got {group_weights}.')
   if class_groups is not None:
-    class_groups = np.asarray(class_groups, np.int32)
-    if class_groups.ndim != 1 or np.any((class_groups < 0) | (class_groups >= num_groups)):
-      raise ValueError(f'class_groups must map each class to a group in [0, {num_groups}).')
-
-  def init_fn(params):
-    del params
-    return SharpnessAwareState(count=jnp.zeros([], jnp.int32))
+    class_groups = _check_class_groups(class_groups, num_groups)
 
   def update_fn(updates, state, params=None, *, loss_fn=None, loss_vjp=None,
                 group_ids=None, labels=None, **extra_args):
     del updates, extra_args
+    composition.check_composition(name, params)
     if group_ids is None and labels is not None and class_groups is not None:
       group_ids = jnp.asarray(class_groups)[labels]
-    _require('group_sam', params=params, loss_fn=loss_fn, group_ids=group_ids)
+    _require(name, params=params, loss_fn=loss_fn, group_ids=group_ids)
     group_ids = jnp.asarray(group_ids)
     if group_ids.ndim != 1:
       raise ValueError(f'group_ids must have shape [B], got {group_ids.shape}.')
@@ -289,23 +389,50 @@ def group_sam(rhos: Sequence[Radius], *, normalization: str = 'batch',
     coeffs = group_coefficients(group_ids, num_groups, normalization, group_weights,
                                 jnp.result_type(jnp.float32, losses.dtype))
     coeffs = coeffs.astype(losses.dtype)
-    direction = None
+    full_mask = resolve_mask(mask, params)
+    direction, finite = None, None
     for k, rho in enumerate(rhos):
       grad_k = vjp_fn(coeffs[k])[0]
       if not _is_static_zero(rho):
-        perturbed = perturb(params, grad_k, _radius_at(rho, state.count))
-        grad_k = _vjp(loss_fn, perturbed, coeffs[k])
+        perturbed = perturb(params, grad_k, _radius_at(rho, state.count), full_mask)
+        grad_k, finite_k = _vjp(loss_fn, perturbed, coeffs[k])
+        finite = finite_k if finite is None else jnp.logical_and(finite, finite_k)
       direction = grad_k if direction is None else jax.tree.map(jnp.add, direction, grad_k)
-    return (_cast_like(direction, params),
-            SharpnessAwareState(optax.safe_increment(state.count)))
+    return _cast_like(direction, params), _next_state(state, finite)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(_init_state, update_fn)
+
+
+def _check_weight(weight, index):
+  value = concrete_value(weight)
+  if value is None:
+    return weight  # traced (optax.inject_hyperparams inside jit)
+  if value.shape != () or not np.isfinite(value) or value < 0:
+    raise ValueError(f'group weight {index} must be a finite number >= 0, got {weight!r}.')
+  return float(value) if not isinstance(weight, jax.Array) else weight
+
+
+def _check_class_groups(class_groups, num_groups):
+  values = concrete_value(class_groups)
+  if values is None:
+    raise TypeError(
+        'class groups / tail_classes must be concrete (NumPy or Python) values, not traced. '
+        'Under optax.inject_hyperparams, list them in static_args, e.g. '
+        "optax.inject_hyperparams(ssj.sse_sam, static_args=('switch_step', 'tail_classes')).")
+  values = np.asarray(values)
+  if values.ndim != 1 or not (np.issubdtype(values.dtype, np.integer) or values.dtype == bool) \
+      or np.any((values < 0) | (values >= num_groups)):
+    raise ValueError(f'class_groups must map each class to a group in [0, {num_groups}).')
+  return values.astype(np.int32)
 
 
 def _head_tail_class_groups(tail_classes):
   if tail_classes is None:
     return None
-  tail_classes = np.asarray(tail_classes)
+  values = concrete_value(tail_classes)
+  if values is None:
+    _check_class_groups(tail_classes, 2)  # raises: traced
+  tail_classes = np.asarray(values)
   if tail_classes.dtype != bool:
     raise TypeError('tail_classes must be a boolean mask over classes '
                     '(see sse_sam_jax.optim.tail_classes).')
@@ -313,7 +440,7 @@ def _head_tail_class_groups(tail_classes):
 
 
 def imbsam(rho: Radius, *, normalization: str = 'batch', tail_weight: float = 1.0,
-           tail_classes=None) -> optax.GradientTransformationExtraArgs:
+           tail_classes=None, mask=None) -> optax.GradientTransformationExtraArgs:
   r"""ImbSAM (Zhou et al., 2023): only the tail group is perturbed.
 
   .. math::
@@ -338,7 +465,8 @@ def imbsam(rho: Radius, *, normalization: str = 'batch', tail_weight: float = 1.
   """
   return group_sam((0.0, rho), normalization=normalization,
                    group_weights=(1.0, tail_weight),
-                   class_groups=_head_tail_class_groups(tail_classes))
+                   class_groups=_head_tail_class_groups(tail_classes), mask=mask,
+                   name='imbsam')
 
 
 def mean_across(axis_name: str | tuple[str, ...]) -> optax.GradientTransformation:

@@ -122,6 +122,13 @@ def _shifted(rho: Radius, offset: int) -> Radius:
 
 
 def _check_switch_step(switch_step):
+  value = sharpness_aware.concrete_value(switch_step)
+  if value is None:
+    raise TypeError(
+        'switch_step must be a Python int, not a traced value. Under optax.inject_hyperparams, '
+        "list it in static_args: optax.inject_hyperparams(ssj.sse_sam, static_args=("
+        "'switch_step', 'tail_classes')).")
+  switch_step = value.item() if value.shape == () else switch_step
   if isinstance(switch_step, bool) or int(switch_step) != switch_step or switch_step < 0:
     raise ValueError(f'switch_step must be an integer >= 0, got {switch_step!r}.')
   return int(switch_step)
@@ -129,7 +136,7 @@ def _check_switch_step(switch_step):
 
 def sse_sam(head_rho: Radius, tail_rho: Radius, switch_step: int, *,
             normalization: str = 'batch', tail_weight: float = 1.0,
-            tail_classes=None) -> optax.GradientTransformationExtraArgs:
+            tail_classes=None, mask=None) -> optax.GradientTransformationExtraArgs:
   r"""SSE-SAM: separate head/tail perturbations, then tail-only (ImbSAM).
 
   Stage 1 (steps ``< switch_step``):
@@ -143,6 +150,10 @@ def sse_sam(head_rho: Radius, tail_rho: Radius, switch_step: int, *,
   skipped. Group losses are batch-normalised by default, as in the authors'
   code. Use :func:`switch_step` to derive the step from ``gamma``. A ``tail_rho``
   schedule is evaluated at the global step count in both stages.
+
+  Radii may be arrays (``optax.inject_hyperparams(ssj.sse_sam, static_args=
+  ('switch_step', 'tail_classes'))``); ``mask`` perturbs a subset of the
+  parameters in both groups (see :mod:`sse_sam_jax.optim.sharpness_aware`).
 
   Passes per step: stage 1 one clean forward, two clean backwards and two
   perturbed forward+backward passes (11 units, 3.7x SGD); stage 2, 8 units (2.7x).
@@ -161,23 +172,23 @@ def sse_sam(head_rho: Radius, tail_rho: Radius, switch_step: int, *,
   class_groups = sharpness_aware._head_tail_class_groups(tail_classes)
   stage1 = sharpness_aware.group_sam(
       (head_rho, tail_rho), normalization=normalization,
-      group_weights=(1.0, tail_weight), class_groups=class_groups)
+      group_weights=(1.0, tail_weight), class_groups=class_groups, mask=mask, name='sse_sam')
   stage2 = sharpness_aware.group_sam(
       (0.0, _shifted(tail_rho, switch_step)), normalization=normalization,
-      group_weights=(1.0, tail_weight), class_groups=class_groups)
+      group_weights=(1.0, tail_weight), class_groups=class_groups, mask=mask, name='sse_sam')
   return stage_switch([stage1, stage2], [switch_step])
 
 
 def sam_then_imbsam(rho: Radius, tail_rho: Radius, switch_step: int, *,
                     normalization: str = 'batch', tail_weight: float = 1.0,
-                    tail_classes=None) -> optax.GradientTransformationExtraArgs:
+                    tail_classes=None, mask=None) -> optax.GradientTransformationExtraArgs:
   """The abstract's wording of SSE-SAM: plain SAM, then ImbSAM from ``switch_step``.
 
   Not the authors' code (see :func:`sse_sam`); offered as a variant.
   """
   switch_step = _check_switch_step(switch_step)
   return stage_switch(
-      [sharpness_aware.sam(rho),
+      [sharpness_aware.sam(rho, mask=mask),
        sharpness_aware.imbsam(_shifted(tail_rho, switch_step), normalization=normalization,
-                              tail_weight=tail_weight, tail_classes=tail_classes)],
+                              tail_weight=tail_weight, tail_classes=tail_classes, mask=mask)],
       [switch_step])
