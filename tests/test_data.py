@@ -1,6 +1,5 @@
 """Long-tailed data: profiles, exact counts, TFDS mock sources, errors, pipeline determinism."""
 
-import time
 
 import numpy as np
 import pytest
@@ -84,8 +83,9 @@ def test_mock_imagenet_and_inaturalist_sources():
     inat = sources.tfds_source('i_naturalist2018', 'train')
     split = sources.read_split(inat, range(5), num_classes=8142, name='inat',
                                transform=lambda im: augment.center_crop_resize(im, 16))
-  assert split.x.shape == (5, 16, 16, 3)
-  assert len(set(names)) >= 1
+  assert split.x.shape == (5, 16, 16, 3) and split.x.dtype == np.uint8
+  assert len(names) == 12 and all(isinstance(n, str) and n for n in names)
+  assert split.label.shape == (5,) and np.all((split.label >= 0) & (split.label < 8142))
 
 
 def pathlib_name(x):
@@ -117,10 +117,8 @@ def test_imagenet_lt_split_list(tmp_path):
 
 
 def test_missing_dataset_fails_fast_with_instructions(tmp_path):
-  t0 = time.perf_counter()
   with pytest.raises(sources.DatasetNotPreparedError, match='tfds build cifar10'):
     sources.tfds_source('cifar10', 'train', data_dir=str(tmp_path))
-  assert time.perf_counter() - t0 < 5.0
   with pytest.raises(sources.DatasetNotPreparedError, match='manual_dir'):
     sources.tfds_source('imagenet2012', 'train', data_dir=str(tmp_path))
 
@@ -190,9 +188,28 @@ def test_pipeline_host_sharding():
 
 def test_augment_shapes_and_flip():
   x = np.arange(2 * 4 * 4 * 1).reshape(2, 4, 4, 1)
-  y = augment.pad_crop_flip(x, np.random.default_rng(0), pad=1)
-  assert y.shape == x.shape
-  np.testing.assert_array_equal(augment.hflip(augment.hflip(x)), x)
+  flipped = augment.hflip(x)
+  for j in range(4):  # column j of the flip is column 3 - j of the image
+    np.testing.assert_array_equal(flipped[:, :, j], x[:, :, 3 - j])
+  np.testing.assert_array_equal(augment.hflip(x[:, 0, :, 0]), x[:, 0, ::-1, 0])  # sequences
+  # every augmented image is one of the 9 crops of the padded image, flipped or not,
+  # and over many draws all 18 occur
+  many = np.repeat(x[:1], 400, axis=0)
+  y = augment.pad_crop_flip(many, np.random.default_rng(0), pad=1)
+  assert y.shape == many.shape
+  padded = np.pad(x[0], ((1, 1), (1, 1), (0, 0)))
+  crops = {}
+  for dy in range(3):
+    for dx in range(3):
+      crop = padded[dy:dy + 4, dx:dx + 4]
+      crops[(dy, dx, False)] = crop
+      crops[(dy, dx, True)] = crop[:, ::-1]
+  seen = set()
+  for img in y:
+    match = [k for k, crop in crops.items() if np.array_equal(img, crop)]
+    assert match, img[..., 0]
+    seen.update(match)
+  assert len(seen) == 18
   img = np.zeros((40, 50, 3), np.uint8)
   assert augment.random_resized_crop_flip(img, np.random.default_rng(0), 16).shape == (16, 16, 3)
   assert augment.center_crop_resize(img, 16).shape == (16, 16, 3)

@@ -40,9 +40,19 @@ def test_batchnorm_train_uses_batch_stats_eval_uses_running():
 
 
 def test_normed_classifier_outputs_cosines():
+  from flax import nnx
+  from sse_sam_jax.models.resnet import NormedLinear
+  layer = NormedLinear(6, 4, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (5, 6))
+  w = np.asarray(layer.kernel[...])
+  want = np.asarray(x) @ w / np.linalg.norm(np.asarray(x), axis=1, keepdims=True) \
+      / np.linalg.norm(w, axis=0, keepdims=True)
+  np.testing.assert_allclose(layer(x), want, rtol=1e-5, atol=1e-6)
+  assert np.max(np.abs(want)) > 0.3 and np.max(np.abs(want)) <= 1.0
+  # inside the model: the logits are cosines, bounded by 1 and not all zero
   fm, p, bs = models.create('mlp', 4, in_features=6, normed_classifier=True)
-  logits, _ = fm.apply(p, bs, jnp.ones((3, 6)), train=False)
-  assert float(jnp.max(jnp.abs(logits))) <= 1.0 + 1e-5
+  logits, _ = fm.apply(p, bs, x, train=False)
+  assert float(jnp.max(jnp.abs(logits))) <= 1.0 + 1e-5 and float(jnp.std(logits)) > 1e-2
 
 
 def test_unknown_model():
