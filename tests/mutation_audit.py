@@ -1,0 +1,167 @@
+"""Mutation audit: one-line mistakes a developer could plausibly make, and whether the
+fast core of the suite catches each.
+
+Every mutant replaces one exact snippet of the library (the script refuses a snippet
+that is missing or not unique, so the list stays true to the code), runs the fast core
+of the suite with ``-x`` (a mutant is *killed* when a test fails), and restores the file.
+Not part of the test run (pytest collects ``test_*.py`` only); run it by hand:
+
+  python tests/mutation_audit.py [--only NAME ...] [--out benchmarks/results/mutation_audit.json]
+
+It takes ~20-40 s per killed mutant and a few minutes per survivor on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CORE = ['tests/test_optim.py', 'tests/test_golden.py', 'tests/test_training_path.py',
+        'tests/test_boundaries.py', 'tests/test_losses.py', 'tests/test_composition.py',
+        'tests/test_data.py', 'tests/test_analysis.py', 'sse_sam_jax/optim',
+        'sse_sam_jax/losses.py', 'sse_sam_jax/data/profiles.py']
+
+O, T = 'sse_sam_jax/optim/', 'sse_sam_jax/train/'
+# name: (file, original, mutant)
+MUTANTS = {
+    # optim/
+    'sam_norm_eps_large': (O + 'sharpness_aware.py', 'NORM_EPS = 1e-16', 'NORM_EPS = 1e-3'),
+    'perturb_sign': (O + 'sharpness_aware.py',
+                     '(p + jnp.asarray(scale).astype(jnp.result_type(p, norm)) * d)',
+                     '(p - jnp.asarray(scale).astype(jnp.result_type(p, norm)) * d)'),
+    'sam_mean_not_sum': (O + 'sharpness_aware.py',
+                         'direction = vjp_p(jnp.full((n,), 1.0 / n, losses_p.dtype))[0]',
+                         'direction = vjp_p(jnp.full((n,), 1.0, losses_p.dtype))[0]'),
+    'sam_ascent_from_updates': (O + 'sharpness_aware.py',
+                                'clean = vjp_fn(jnp.full((n,), 1.0 / n, losses.dtype))[0]',
+                                'clean = updates'),
+    'group_norm_batch_swapped': (O + 'sharpness_aware.py',
+                                 "  if normalization == 'batch':\n    return onehot * weights / batch",
+                                 "  if normalization == 'group':\n    return onehot * weights / batch"),
+    'group_empty_divides_by_zero': (O + 'sharpness_aware.py',
+                                    'jnp.where(sizes > 0, sizes, 1)', 'sizes'),
+    'group_weight_ignored': (O + 'sharpness_aware.py',
+                             'return onehot * weights / batch', 'return onehot / batch'),
+    'group_skip_zero_radius_wrongly': (O + 'sharpness_aware.py',
+                                       '      if not _is_static_zero(rho):\n        perturbed',
+                                       '      if _is_static_zero(rho):\n        perturbed'),
+    'group_perturb_from_total': (O + 'sharpness_aware.py',
+                                 'perturbed = perturb(params, grad_k, _radius_at(rho, state.count), full_mask)',
+                                 'perturbed = perturb(params, vjp_fn(jnp.sum(coeffs, 0))[0], _radius_at(rho, state.count), full_mask)'),
+    'mask_ignored': (O + 'sharpness_aware.py', '    if not m:\n      return p\n', ''),
+    'notfinite_not_counted': (O + 'sharpness_aware.py',
+                              'notfinite = notfinite + jnp.logical_not(finite)',
+                              'notfinite = notfinite + 0 * jnp.logical_not(finite)'),
+    'switch_boundary_gt': (O + 'stage_switch.py', 'jnp.sum(state.count >= jnp.asarray',
+                           'jnp.sum(state.count > jnp.asarray'),
+    'switch_step_floor': (O + 'stage_switch.py', 'return math.ceil(gamma * epochs) * int(steps_per_epoch)',
+                          'return math.floor(gamma * epochs) * int(steps_per_epoch)'),
+    'tail_rho_restarts_at_switch': (O + 'stage_switch.py', '(0.0, _shifted(tail_rho, switch_step))',
+                                    '(0.0, tail_rho)'),
+    'stage2_perturbs_head': (O + 'stage_switch.py', '(0.0, _shifted(tail_rho, switch_step))',
+                             '(head_rho, _shifted(tail_rho, switch_step))'),
+    'stage_at_left': (O + 'stage_switch.py', "step, side='right'", "step, side='left'"),
+    'tail_mask_le': (O + 'grouping.py', 'return counts < eta', 'return counts <= eta'),
+    'chain_guard_off': (O + 'composition.py', '    if position > 0:', '    if position > 99:'),
+    'multisteps_guard_off': (O + 'composition.py', "    if kind == 'MultiSteps':",
+                             "    if kind == 'MultiSteps_':"),
+    # losses.py
+    'ce_weights_not_normalized': ('sse_sam_jax/losses.py',
+                                  'return w * losses * (losses.shape[0] / jnp.maximum(jnp.sum(w), 1e-12))',
+                                  'return w * losses'),
+    'cb_weights_beta_flipped': ('sse_sam_jax/losses.py',
+                                'w = (1.0 - beta) / (1.0 - np.power(beta, counts))',
+                                'w = (1.0 - beta) / (1.0 - np.power(beta, 1.0 / counts))'),
+    'ldam_margin_power': ('sse_sam_jax/losses.py', 'm = 1.0 / np.sqrt(np.sqrt(counts))',
+                          'm = 1.0 / np.sqrt(counts)'),
+    'ldam_margin_added': ('sse_sam_jax/losses.py',
+                          'adjusted = logits - onehot * margins[labels][:, None]',
+                          'adjusted = logits + onehot * margins[labels][:, None]'),
+    'la_sign': ('sse_sam_jax/losses.py', 'adjusted = logits + tau * jnp.asarray(log_prior',
+                'adjusted = logits - tau * jnp.asarray(log_prior'),
+    'vs_gamma_ignored': ('sse_sam_jax/losses.py', '(counts / counts.max()) ** gamma',
+                         '(counts / counts.max())'),
+    # data/profiles.py, data/stats.py
+    'profile_exponent': ('sse_sam_jax/data/profiles.py', '** (i / (num_classes - 1.0))',
+                         '** (i / num_classes)'),
+    'profile_step_half': ('sse_sam_jax/data/profiles.py', 'half = num_classes // 2',
+                          'half = (num_classes + 1) // 2'),
+    'selection_no_shuffle': ('sse_sam_jax/data/profiles.py', "    if selection == 'shuffle':\n      rng.shuffle(idx)\n", ''),
+    'many_ge': ('sse_sam_jax/data/stats.py', 'many = self.counts > self.many_above',
+                'many = self.counts >= self.many_above'),
+    'few_le': ('sse_sam_jax/data/stats.py', 'few = self.counts < self.few_below',
+               'few = self.counts <= self.few_below'),
+    # the trainer's builders
+    'wd_before_transform': (T + 'trainer.py', "  parts = [direction()] if direction else []\n",
+                            "  parts = [optax.add_decayed_weights(o.weight_decay)] + ([direction()] if direction else [])\n"),
+    'drw_by_step': (T + 'trainer.py', 'drw_step = int(l.drw_epoch) * steps_per_epoch',
+                    'drw_step = int(l.drw_epoch)'),
+    'imbsam_uses_rho': (T + 'trainer.py', "'imbsam': (lambda: ssj.imbsam(o.tail_rho, **group_kw), []),",
+                        "'imbsam': (lambda: ssj.imbsam(o.rho, **group_kw), []),"),
+    'sse_sam_no_boundary': (T + 'trainer.py', "(lambda: ssj.sse_sam(o.head_rho, o.tail_rho, switch, **group_kw), [switch]),",
+                            "(lambda: ssj.sse_sam(o.head_rho, o.tail_rho, switch, **group_kw), []),"),
+    'momentum_ignored': (T + 'trainer.py', 'optax.sgd(lr, momentum=o.momentum)', 'optax.sgd(lr)'),
+    # train/step.py
+    'bn_stats_not_updated': (T + 'step.py', 'TrainState(step=state.step + 1, params=params, batch_stats=new_stats,',
+                             'TrainState(step=state.step + 1, params=params, batch_stats=state.batch_stats,'),
+    'perturbed_eval_mode': (T + 'step.py', '    logits, _ = model.apply(params, state.batch_stats, x, train=True)',
+                            '    logits, _ = model.apply(params, state.batch_stats, x, train=False)'),
+    'no_shared_clean_pass_groups': (T + 'step.py', "extra['group_ids'] = jnp.asarray(class_groups)[labels]",
+                                    "extra['group_ids'] = jnp.zeros_like(labels)"),
+    'loss_at_next_step': (T + 'step.py', 'return loss(logits, labels, state.step), (logits, new_stats)',
+                          'return loss(logits, labels, state.step + 1), (logits, new_stats)'),
+    # analysis
+    'lanczos_no_reorth': ('sse_sam_jax/analysis/hessian.py',
+                          '    w = reorth(reorth(w, V), V)  # twice is enough (Kahan-Parlett)',
+                          '    w = w - alpha * basis[-1] - (betas[-1] * basis[-2] if betas else 0.0)'),
+}
+
+
+def run_mutant(name, timeout):
+  file, original, mutant = MUTANTS[name]
+  path = ROOT / file
+  text = path.read_text()
+  if text.count(original) != 1:
+    raise SystemExit(f'{name}: the snippet occurs {text.count(original)} times in {file}.')
+  path.write_text(text.replace(original, mutant))
+  t0 = time.perf_counter()
+  try:
+    proc = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-n', '2',
+                           '-p', 'no:cacheprovider', *CORE], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    failed = [l for l in proc.stdout.splitlines() if l.startswith('FAILED')]
+    killed = proc.returncode != 0
+    return dict(file=file, killed=killed, by=failed[:1], seconds=round(time.perf_counter() - t0))
+  except subprocess.TimeoutExpired:
+    return dict(file=file, killed=False, by=['timeout'], seconds=timeout)
+  finally:
+    path.write_text(text)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--only', nargs='*')
+  parser.add_argument('--timeout', type=int, default=900)
+  parser.add_argument('--out', default='benchmarks/results/mutation_audit.json')
+  args = parser.parse_args()
+  names = args.only or list(MUTANTS)
+  results = {}
+  for name in names:
+    results[name] = run_mutant(name, args.timeout)
+    r = results[name]
+    print(f"{name:32s} {'killed' if r['killed'] else 'SURVIVED':8s} {r['seconds']:4d}s "
+          f"{(r['by'] or [''])[0][:90]}", flush=True)
+  killed = sum(r['killed'] for r in results.values())
+  print(f'mutation score: {killed}/{len(results)}')
+  out = ROOT / args.out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(dict(score=f'{killed}/{len(results)}', mutants=results), indent=1))
+
+
+if __name__ == '__main__':
+  main()
