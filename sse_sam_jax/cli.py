@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import importlib.util
 import pathlib
 import sys
@@ -29,20 +30,67 @@ def _require_training_extra():
         "(Python >= 3.12). The optimizers alone need only jax and optax.")
 
 
+class _ConfigError(ValueError):
+  pass
+
+
+def _flat_keys(c, prefix=''):
+  keys = []
+  for k, v in c.items():
+    keys += _flat_keys(v, f'{prefix}{k}.') if hasattr(v, 'items') else [f'{prefix}{k}']
+  return keys
+
+
+def _unknown_key(key, c):
+  keys = _flat_keys(c)
+  leaf = key.rsplit('.', 1)[-1]
+  close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6) or [
+      k for k in keys if k.rsplit('.', 1)[-1] == leaf][:1]
+  hint = f"; did you mean {close[0]!r}?" if close else '; `sse-sam-jax config` lists every key.'
+  return _ConfigError(f'unknown config key {key!r}{hint}')
+
+
+def _typed(key, old, value, raw):
+  """``value`` (parsed from ``raw``) in the type of the default ``old``; one-line errors."""
+  if isinstance(old, bool):
+    if isinstance(value, bool):
+      return value
+    raise _ConfigError(f'{key} must be True or False, got {raw!r}.')
+  if isinstance(old, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(old, int) and isinstance(value, int) and not isinstance(value, bool):
+    return value
+  if isinstance(old, int) and isinstance(value, float) and value == int(value):
+    return int(value)
+  if isinstance(old, str):
+    return raw if not isinstance(value, str) else value
+  if isinstance(old, (int, float)):
+    kind = 'an integer' if isinstance(old, int) else 'a number'
+    raise _ConfigError(f'{key} must be {kind}, got {raw!r}.')
+  return value
+
+
 def load_config(path: str | None, overrides: list[str]):
+  """The config of ``path`` (a Python file with ``get_config()``) or the default, with
+  dotted ``key=value`` overrides applied; a mistake is a one-line ``ValueError``."""
   if path:
-    spec = importlib.util.spec_from_file_location('user_config', path)
-    if spec is None or not pathlib.Path(path).exists():
-      raise SystemExit(f'config file {path} not found')
+    file = pathlib.Path(path)
+    if not file.is_file():
+      raise _ConfigError(f'config file {path} not found.')
+    if file.suffix != '.py':
+      raise _ConfigError(f'config file {path} is not a Python file (.py) with get_config().')
+    spec = importlib.util.spec_from_file_location(f'user_config_{file.stem}', file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+      raise _ConfigError(f'config file {path} has no get_config() function.')
     c = module.get_config()
   else:
     c = config_lib.default_config()
   for item in overrides:
     key, sep, raw = item.partition('=')
     if not sep:
-      raise SystemExit(f'override {item!r} is not key=value')
+      raise _ConfigError(f'override {item!r} is not key=value.')
     try:
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -50,14 +98,18 @@ def load_config(path: str | None, overrides: list[str]):
     node = c
     *parents, leaf = key.split('.')
     for p in parents:
+      if not hasattr(node, 'items') or p not in node:
+        raise _unknown_key(key, c)
       node = node[p]
-    if leaf not in node:
-      raise SystemExit(f'unknown config key {key!r}')
-    old = node[leaf]
-    if isinstance(old, float) and isinstance(value, int):
-      value = float(value)
-    node[leaf] = value
+    if not hasattr(node, 'items') or leaf not in node or hasattr(node[leaf], 'items'):
+      raise _unknown_key(key, c)
+    node[leaf] = _typed(key, node[leaf], value, raw)
   return c
+
+
+# What a user's mistake raises: reported in one line on stderr, exit status 2.
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError,
+               FileExistsError, FloatingPointError, RuntimeError, KeyError)
 
 
 def main(argv=None):
@@ -66,6 +118,10 @@ def main(argv=None):
   parser.add_argument('--config', default=None)
   parser.add_argument('--workdir', default='runs/default')
   parser.add_argument('--no-progress', action='store_true')
+  parser.add_argument('--restart', action='store_true',
+                      help='train: move an existing run in --workdir aside and start fresh')
+  parser.add_argument('--debug', action='store_true',
+                      help='show the full traceback of an error')
   parser.add_argument('--distributed', action='store_true',
                       help='call jax.distributed.initialize() first (multi-host)')
   parser.add_argument('--groups', default='head_tail', choices=('head_tail', 'shots', 'class'),
@@ -77,23 +133,34 @@ def main(argv=None):
   parser.add_argument('overrides', nargs='*', help='dotted key=value config overrides')
   args = parser.parse_intermixed_args(argv)
   _require_training_extra()
-  c = load_config(args.config, args.overrides)
   try:
-    config_lib.validate(c)
-  except ValueError as e:
-    raise SystemExit(str(e))
+    return _run(args)
+  except USER_ERRORS as e:
+    if args.debug:
+      raise
+    message = ' '.join(str(e).split()) or type(e).__name__
+    if isinstance(e, KeyError):
+      message = f'missing key {message}'
+    print(f'sse-sam-jax: error: {message} (--debug shows the traceback)', file=sys.stderr)
+    return 2
+
+
+def _run(args):
+  c = load_config(args.config, args.overrides)
+  config_lib.validate(c)
   if args.distributed:
     import jax
     jax.distributed.initialize()  # TPU VM pods / multi-host GPU: reads the cluster env
   from sse_sam_jax.train import trainer
   if args.command == 'train':
-    result = trainer.train(c, args.workdir, progress=not args.no_progress)
+    result = trainer.train(c, args.workdir, progress=not args.no_progress, restart=args.restart)
   elif args.command == 'eval':
     result = trainer.evaluate_checkpoint(c, args.workdir)
   else:
     result = trainer.hessian_of_checkpoint(
         c, args.workdir, groups=args.groups, split=args.split, lanczos_iters=args.lanczos_iters,
-        trace_probes=args.trace_probes, max_examples=args.max_examples)
+        trace_probes=args.trace_probes, max_examples=args.max_examples,
+        progress=not args.no_progress)
     print(result['table'])
     print(f"spectra: {result['path']}")
     return 0

@@ -4,7 +4,9 @@ fast core of the suite catches each.
 Every mutant replaces one exact snippet of the library (the script refuses a snippet
 that is missing or not unique, so the list stays true to the code), runs the fast core
 of the suite with ``-x`` (a mutant is *killed* when a test fails), and restores the file.
-Not part of the test run (pytest collects ``test_*.py`` only); run it by hand:
+Not part of the test run (pytest collects ``test_*.py`` only); run it by hand, in a
+copy of the tree that nobody edits meanwhile (it rewrites library files while it runs),
+e.g. ``git worktree add /tmp/audit HEAD && cd /tmp/audit``:
 
   python tests/mutation_audit.py [--only NAME ...] [--out benchmarks/results/mutation_audit.json]
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -133,7 +136,8 @@ def run_mutant(name, timeout):
   try:
     proc = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-n', '2',
                            '-p', 'no:cacheprovider', *CORE], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     failed = [l for l in proc.stdout.splitlines() if l.startswith('FAILED')]
     killed = proc.returncode != 0
     return dict(file=file, killed=killed, by=failed[:1], seconds=round(time.perf_counter() - t0))

@@ -33,24 +33,41 @@ def groups_for(stats: ClassStats, kind: str, eta: float | None = None) -> dict[s
 
 def group_spectra(loss, params, split: Split, groups: dict, *, normalization='batch',
                   lanczos_iters=40, slq_probes=2, trace_probes=20, seed=0, batch_size=512,
-                  density=True, dtype=None) -> dict:
-  """For every group: lambda_min, lambda_max, Hutchinson trace (+- s.e.) and SLQ density."""
+                  density=True, dtype=None, progress: bool = False) -> dict:
+  """For every group: lambda_min, lambda_max, Hutchinson trace (+- s.e.) and SLQ density.
+
+  ``progress`` shows a bar per group counting Hessian-vector products (each is a
+  forward-over-reverse pass over the group's examples).
+  """
   out = {}
   for name, classes in groups.items():
     w = hessian.example_weights(split.label, classes, split.num_classes, normalization)
     g = hessian.GroupLoss(loss, params, split.x, split.label, w, batch_size)
     dt = dtype or g.flat_params.dtype
-    lo, hi = hessian.extreme_eigenvalues(g.hvp, g.dim, lanczos_iters, seed, dt)
+    hvp = g.hvp
+    bar = None
+    if progress:
+      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+      total = lanczos_iters * (1 + (slq_probes if density else 0)) + trace_probes
+      bar = tqdm(total=total, desc=f'hessian {name} ({int((w != 0).sum())} examples)',
+                 unit='hvp', leave=False)
+
+      def hvp(v, _hvp=g.hvp, _bar=bar):
+        _bar.update(1)
+        return _hvp(v)
+    lo, hi = hessian.extreme_eigenvalues(hvp, g.dim, lanczos_iters, seed, dt)
     result = {'lambda_min': lo, 'lambda_max': hi, 'examples': int((w != 0).sum())}
     if trace_probes:
-      result['trace'], result['trace_se'] = hessian.hutchinson_trace(g.hvp, g.dim, trace_probes,
+      result['trace'], result['trace_se'] = hessian.hutchinson_trace(hvp, g.dim, trace_probes,
                                                                      seed, dt)
     if density:
-      grid, dens, nodes, weights = hessian.slq_density(g.hvp, g.dim, lanczos_iters, slq_probes,
+      grid, dens, nodes, weights = hessian.slq_density(hvp, g.dim, lanczos_iters, slq_probes,
                                                        seed, dtype=dt)
       result['density'] = {'grid': grid.tolist(), 'density': dens.tolist(),
                            'nodes': nodes.tolist(), 'weights': weights.tolist()}
     out[name] = result
+    if bar is not None:
+      bar.close()
   return out
 
 

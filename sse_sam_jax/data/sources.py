@@ -100,8 +100,10 @@ def _prepare_instructions(name: str, data_dir) -> str:
     manual = (' This dataset needs its archives downloaded by hand first; put them in '
               '<data_dir>/downloads/manual and add --manual_dir=<that folder>.')
   return (f'TFDS dataset {name!r} is not prepared{" in " + str(data_dir) if data_dir else ""}. '
-          f'Prepare it once, in array_record format (random access), with:\n'
-          f'  tfds build {name}{where} --file_format=array_record\n'
+          f'Prepare it once, in array_record format (random access); building needs '
+          f'TensorFlow, which the [prepare] extra installs:\n'
+          f"  pip install 'sse-sam-jax[prepare]' && "
+          f'tfds build {name}{where} --file_format=array_record\n'
           f'{manual} Then pass the same data_dir (config data.data_dir or $TFDS_DATA_DIR).')
 
 
@@ -250,21 +252,52 @@ def inaturalist2018(*, data_dir=None, size=224, val_fraction=0.0, seed=0) -> Lon
 # ----------------------------------------------------------------------------
 # Bring your own arrays
 # ----------------------------------------------------------------------------
+def _read_npz(path: pathlib.Path, x_key: str, label_key: str):
+  """``(x, labels)`` of an ``.npz``, checked: keys, lengths, integer labels >= 0, finite x."""
+  if not path.exists():
+    raise FileNotFoundError(f'{path} does not exist (expected an .npz with arrays '
+                            f'{x_key!r} and {label_key!r}).')
+  try:
+    data = np.load(path)
+    keys = list(data.keys())
+  except Exception as e:  # pylint: disable=broad-except  (not an npz: many error types)
+    raise ValueError(f'{path} is not a readable .npz file ({type(e).__name__}: {e}).') from None
+  missing = [k for k in (x_key, label_key) if k not in keys]
+  if missing:
+    raise ValueError(f'{path} has arrays {keys}, not {missing}; it needs inputs {x_key!r} and '
+                     f'labels {label_key!r}.')
+  x, labels = data[x_key], data[label_key]
+  if labels.ndim != 1 or x.ndim < 2 or len(x) != len(labels):
+    raise ValueError(f'{path}: {x_key!r} has shape {x.shape} and {label_key!r} {labels.shape}; '
+                     'they need one row per example and one integer label per row.')
+  if not np.issubdtype(labels.dtype, np.integer):
+    if not (np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0)):
+      raise ValueError(f'{path}: labels must be integers, got dtype {labels.dtype}.')
+    labels = labels.astype(np.int64)
+  if labels.size and labels.min() < 0:
+    raise ValueError(f'{path}: labels must be >= 0; found {int(labels.min())}.')
+  if np.issubdtype(x.dtype, np.floating):
+    bad = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)
+    if bad.any():
+      raise ValueError(f'{path}: {int(bad.sum())} example(s) hold NaN or Inf inputs (rows '
+                       f'{np.flatnonzero(bad)[:5].tolist()}...); clean them first.')
+  return x, labels
+
+
 def npz_long_tail(path, imbalance_factor: float | None = None, *, num_classes=None,
                   x_key='x', label_key='y', test_path=None, test_fraction=0.2, seed=0,
                   val_fraction=0.0, profile='exp', selection='shuffle') -> LongTailData:
   """An ``.npz`` with inputs and labels; optional LT subsampling (``imbalance_factor``)."""
   path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f'{path} does not exist (expected an .npz with arrays '
-                            f'{x_key!r} and {label_key!r}).')
-  data = np.load(path)
-  labels = data[label_key]
+  x, labels = _read_npz(path, x_key, label_key)
   num_classes = num_classes or int(labels.max()) + 1
-  full = Split(data[x_key], labels, num_classes, path.stem)
+  full = Split(x, labels, num_classes, path.stem)
   if test_path is not None:
-    t = np.load(test_path)
-    train, test = full, Split(t[x_key], t[label_key], num_classes, path.stem + '-test')
+    tx, ty = _read_npz(pathlib.Path(test_path), x_key, label_key)
+    if ty.max() >= num_classes:
+      raise ValueError(f'{test_path}: label {int(ty.max())} is out of range for the '
+                       f'{num_classes} classes of {path}.')
+    train, test = full, Split(tx, ty, num_classes, path.stem + '-test')
   else:
     train, test = hold_out(full, test_fraction, seed + 1)
   if imbalance_factor is not None:

@@ -1,12 +1,18 @@
 """Orbax checkpoints: train state + data-iterator state + metadata; last N and best.
 
 Orbax writes each checkpoint to a temporary folder and renames it when
-complete, so a run killed mid-save leaves the previous checkpoint intact.
+complete, so a run killed mid-save leaves the previous checkpoint intact. A
+checkpoint damaged afterwards (truncated or deleted files, random bytes, a
+missing item) is found when it is read: :meth:`Checkpoints.set_aside` moves it
+to ``checkpoints/damaged/`` (never deletes it) so that the next older one can
+be restored.
 """
 
 from __future__ import annotations
 
+import datetime
 import pathlib
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -16,7 +22,7 @@ class Checkpoints:
   """``last/`` keeps the newest ``keep`` checkpoints; ``best/`` the best by a metric."""
 
   def __init__(self, workdir, keep: int = 2):
-    root = pathlib.Path(workdir).absolute() / 'checkpoints'
+    self.root = root = pathlib.Path(workdir).absolute() / 'checkpoints'
     self.last = ocp.CheckpointManager(
         root / 'last', options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         item_names=('state', 'data', 'meta'))
@@ -39,16 +45,33 @@ class Checkpoints:
   def latest_step(self):
     return self.last.latest_step()
 
-  def _newest(self, which: str):
+  def steps(self) -> list[int]:
+    """The steps of ``last/``, newest first."""
+    return sorted(self.last.all_steps(), reverse=True)
+
+  def set_aside(self, step: int) -> pathlib.Path:
+    """Moves checkpoint ``step`` (of ``last/`` and ``best/``) to ``damaged/``."""
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    target = self.root / 'damaged' / f'{step}-{stamp}'
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ('last', 'best'):
+      folder = self.root / name / str(step)
+      if folder.exists():
+        shutil.move(str(folder), str(target / name))
+    self.last.reload()
+    self.best.reload()
+    return target
+
+  def _newest(self, which: str, step: int | None = None):
     """The manager of ``which`` ('last' or 'best') and its checkpoint's step."""
     if which == 'last':
-      return self.last, self.last.latest_step()
+      return self.last, self.last.latest_step() if step is None else step
     return self.best, self.best.best_step()
 
-  def restore(self, abstract_state, which='last'):
+  def restore(self, abstract_state, which='last', step: int | None = None):
     """The full state, the data-iterator state and the metadata, placed like
     ``abstract_state``."""
-    manager, step = self._newest(which)
+    manager, step = self._newest(which, step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
@@ -67,9 +90,9 @@ class Checkpoints:
         abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=True)))['state']
 
-  def meta(self, which='last') -> dict:
+  def meta(self, which='last', step: int | None = None) -> dict:
     """The metadata alone (read before the state, to check it)."""
-    manager, step = self._newest(which)
+    manager, step = self._newest(which, step)
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def wait(self):

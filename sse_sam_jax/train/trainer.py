@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import sys
 import time
 
 import jax
@@ -31,6 +32,8 @@ from sse_sam_jax.train import evaluate as eval_lib
 from sse_sam_jax.train import schedules
 from sse_sam_jax.train.checkpointing import Checkpoints
 from sse_sam_jax.train import sharding as sharding_lib
+from sse_sam_jax.train import workdir as workdir_lib
+from sse_sam_jax.train.workdir import UserError
 from sse_sam_jax.train.step import MICROBATCH_AXIS, CompiledTrainStep, init_state
 
 
@@ -291,15 +294,53 @@ def check_resume_layout(saved: dict, c, n_dev: int) -> None:
         'fixes m whatever the device count.')
 
 
-def restore_checked(checkpoints, abstract_state, which, c):
-  """The full state (to resume); a checkpoint of another config is a ``ValueError``."""
-  try:
-    return checkpoints.restore(abstract_state, which=which)
-  except Exception as e:  # orbax reports tree/shape mismatches in several types
-    raise ValueError(
-        f'the checkpoint does not fit model {c.model.name!r} with optimizer '
-        f'{c.optimizer.name!r} on {c.data.name!r} (was it written by another config?): '
-        f'{type(e).__name__}: {str(e)[:300]}') from e
+def restore_newest_intact(checkpoints, abstract_state, c, n_dev: int):
+  """``(state, data_state, meta)`` of the newest checkpoint that reads back whole, or
+  ``None`` when there is none.
+
+  A checkpoint of another model (by its saved signature) or another perturbation
+  layout is a :class:`UserError`: a real mismatch. A checkpoint that cannot be
+  read (truncated or missing files, random bytes, a missing item) is damaged: it
+  is reported in one line on stderr, moved to ``checkpoints/damaged/`` and the
+  next older one is tried.
+  """
+  signature = model_signature(abstract_state)
+  for step in checkpoints.steps():
+    try:
+      meta = checkpoints.meta(step=step)
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many types)
+      _damaged(checkpoints, step, e)
+      continue
+    saved = meta.get('model_signature')
+    if saved is not None and saved != signature:
+      raise UserError(f'the checkpoint at step {step} holds another model (signature {saved}, '
+                      f"this config's {signature}); use a new --workdir.")
+    check_resume_layout(meta, c, n_dev)
+    try:
+      state, data_state, meta = checkpoints.restore(abstract_state, step=step)
+      if int(data_state['next_index']) != int(state.step) or int(state.step) != step:
+        raise ValueError(f"its step {int(state.step)}, data position "
+                         f"{data_state['next_index']} and folder {step} disagree")
+      if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params)):
+        raise ValueError('non-finite parameters')
+    except Exception as e:  # pylint: disable=broad-except
+      _damaged(checkpoints, step, e)
+      continue
+    return state, data_state, meta
+  return None
+
+
+def _damaged(checkpoints, step: int, error: Exception) -> None:
+  target = checkpoints.set_aside(step)
+  reason = ' '.join(f'{type(error).__name__}: {error}'.split())[:160]
+  print(f'checkpoint step {step} is damaged ({reason}); moved to {target}, trying an older '
+        'one.', file=sys.stderr, flush=True)
+
+
+def has_checkpoint(workdir) -> bool:
+  """Whether ``workdir`` holds a checkpoint; reads the folder only (creates nothing)."""
+  last = pathlib.Path(workdir) / 'checkpoints' / 'last'
+  return last.is_dir() and any(p.name.isdigit() for p in last.iterdir())
 
 
 def restore_model(c, workdir, which: str = 'last'):
@@ -308,10 +349,11 @@ def restore_model(c, workdir, which: str = 'last'):
   model is read, so a checkpoint of any optimizer, perturbation scope or mesh fits a
   config with the same model; another model (by the signature saved with the
   checkpoint) is a ``ValueError``."""
+  if not has_checkpoint(workdir):  # before anything is built or written
+    raise UserError(f'no checkpoint in {pathlib.Path(workdir) / "checkpoints" / "last"}; '
+                    f'train first: sse-sam-jax train --workdir {workdir}')
   run = prepare(c)
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
-  if checkpoints.latest_step() is None:
-    raise FileNotFoundError(f'no checkpoint in {pathlib.Path(workdir) / "checkpoints"}.')
   if which == 'best' and checkpoints.best.latest_step() is None:
     which = 'last'
   meta = checkpoints.meta(which)
@@ -347,7 +389,8 @@ def head_tail_extremes(run: Run, state, split: data_lib.Split, eta: float, iters
 
 def hessian_of_checkpoint(c, workdir, *, groups: str = 'head_tail', split: str = 'train',
                           lanczos_iters: int = 40, trace_probes: int = 20, slq_probes: int = 2,
-                          max_examples: int = 4096, seed: int = 0) -> dict:
+                          max_examples: int = 4096, seed: int = 0,
+                          progress: bool = False) -> dict:
   """Per-group spectra of the last checkpoint of ``workdir``; writes JSON and a density plot."""
   from sse_sam_jax import analysis
   from sse_sam_jax.analysis import spectra as spectra_lib
@@ -361,7 +404,8 @@ def hessian_of_checkpoint(c, workdir, *, groups: str = 'head_tail', split: str =
                              lambda logits, y: run.loss(logits, y, step))
   result = analysis.group_spectra(
       loss, state['params'], data, analysis.groups_for(run.stats, groups, c.optimizer.eta),
-      lanczos_iters=lanczos_iters, slq_probes=slq_probes, trace_probes=trace_probes, seed=seed)
+      lanczos_iters=lanczos_iters, slq_probes=slq_probes, trace_probes=trace_probes, seed=seed,
+      progress=progress)
   path = spectra_lib.write(result, workdir)
   lines = ['| group | examples | lambda_min | lambda_max | trace |', '| --- | --- | --- | --- | --- |']
   for g, r in result.items():
@@ -386,15 +430,44 @@ def evaluate_checkpoint(c, workdir, which: str = 'best') -> dict:
   return result
 
 
-def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = None) -> dict:
+def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = None,
+          restart: bool = False) -> dict:
   """Trains from ``c`` in ``workdir`` (resuming from its last checkpoint) and evaluates.
 
-  ``stop_after_steps`` stops early (as if killed) after that many steps; for tests.
-  Returns the final metrics (test, and val if held out).
+  The workdir is claimed first (:func:`sse_sam_jax.train.workdir.claim`): a lock
+  against a second process, and the saved config against this one. A finished
+  run's results are returned as saved, without building or compiling anything.
+  ``restart`` moves an existing run aside and starts fresh. ``stop_after_steps``
+  stops early (as if killed) after that many steps; for tests. Returns the
+  final metrics (test, and val if held out).
   """
   config_lib.validate(c)
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  lock = workdir_lib.claim(workdir, c.to_dict(), restart=restart)
+  try:
+    finished = finished_result(workdir)
+    if finished is not None:
+      print(f'{workdir} finished at step {finished["total_steps"]}; its results:')
+      return finished
+    return _train(c, workdir, progress, stop_after_steps)
+  finally:
+    lock.release()
+
+
+def finished_result(workdir: pathlib.Path) -> dict | None:
+  """The saved results of a finished run in ``workdir`` (its config was checked), or ``None``."""
+  path = workdir / 'results.json'
+  if not path.exists() or not has_checkpoint(workdir):
+    return None
+  result = json.loads(path.read_text())
+  last = pathlib.Path(workdir) / 'checkpoints' / 'last'
+  newest = max(int(p.name) for p in last.iterdir() if p.name.isdigit())
+  if result.get('total_steps') != newest:
+    return None
+  return dict(result, already_finished=True)
+
+
+def _train(c, workdir: pathlib.Path, progress: bool, stop_after_steps: int | None) -> dict:
   run = prepare(c)
   lt, stats, spec = run.data, run.stats, run.spec
   steps_per_epoch, total_steps = run.steps_per_epoch, c.epochs * run.steps_per_epoch
@@ -412,11 +485,10 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
 
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
   start_step = 0
-  if checkpoints.latest_step() is not None:
-    check_resume_layout(checkpoints.meta(), c, n_dev)
-    state, data_state, meta = restore_checked(checkpoints, state, 'last', c)
+  restored = restore_newest_intact(checkpoints, state, c, n_dev)
+  if restored is not None:
+    state, data_state, _ = restored
     start_step = int(data_state['next_index'])
-    assert start_step == int(state.step), (start_step, int(state.step))
     print(f'Resumed from step {start_step} (epoch {start_step // steps_per_epoch}).')
 
   augment = augment_lib.pad_crop_flip if c.data.augment else None  # lazy images: RRC + flip
@@ -474,10 +546,12 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
           checkpoints.wait()
           checkpoints.close()
           log.close()
+          kept = checkpoints.latest_step()
+          kept = (f'the last good checkpoint (step {kept}) is kept in {workdir}' if kept
+                  is not None else 'no checkpoint was written yet')
           raise NonFiniteLossError(
-              f'non-finite loss or parameters before step {step}; stopped. The last good '
-              f'checkpoint (step {checkpoints.latest_step()}) is kept in {workdir}. Lower '
-              'the learning rate or the radius.')
+              f'non-finite loss or parameters before step {step}; stopped; {kept}. The '
+              'inputs were checked finite when loaded: lower the learning rate or the radius.')
         n = sum(int(m['count']) for m in summed)
         train_loss = sum(float(m['loss_sum']) for m in summed) / n
         train_acc = sum(int(m['correct']) for m in summed) / n
@@ -517,7 +591,7 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   checkpoints.close()
   log.close()
   train_seconds = time.perf_counter() - t_start
-  result = {'config': c.to_dict(), 'train_seconds': train_seconds,
+  result = {'config': c.to_dict(), 'train_seconds': train_seconds, 'total_steps': total_steps,
             'class_counts': stats.counts.tolist(), 'compiles': train_step.compiles}
   for split_name, split in (('val', lt.val), ('test', lt.test)):
     if split is not None:

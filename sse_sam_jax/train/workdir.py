@@ -1,0 +1,136 @@
+"""A workdir belongs to one experiment, and one process at a time.
+
+:func:`claim` runs before anything else of a training run:
+
+- it creates the workdir (a path that cannot be one is a :class:`UserError`);
+- it takes an exclusive ``flock`` on ``workdir/.lock``: a second process on a
+  live workdir is refused, and the kernel releases the lock when its holder
+  dies, so a killed run never leaves it stuck;
+- it compares the config with ``workdir/config.json`` (written at the first
+  start, atomically): a change of any key that alters training is refused,
+  naming the keys; keys that do not alter training (:data:`NEUTRAL_KEYS`:
+  evaluation, logging, checkpoint cadence, Hessian probes, device layout,
+  data location) may change. ``restart=True`` moves the old run aside (never
+  deletes it) and starts fresh.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import pathlib
+import shutil
+
+
+class UserError(ValueError):
+  """A mistake in what the user asked for (config, data, workdir): one line, no traceback."""
+
+
+# Keys (or key prefixes ending in '.') that do not change what is trained.
+NEUTRAL_KEYS = ('eval.', 'log_every_steps', 'checkpoint.', 'hessian.', 'num_devices',
+                'parameter_sharding', 'fsdp_min_elements', 'data.num_workers',
+                'data.data_dir')
+
+CONFIG_FILE = 'config.json'
+
+
+def flatten(tree, prefix=''):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _neutral(key: str) -> bool:
+  return any(key == n or (n.endswith('.') and key.startswith(n)) for n in NEUTRAL_KEYS)
+
+
+def config_changes(saved: dict, now: dict) -> list[str]:
+  """``'key: old -> new'`` for every key that alters training and differs."""
+  saved, now = flatten(saved), flatten(now)
+  changes = []
+  for key in sorted(set(saved) | set(now)):
+    if _neutral(key) or saved.get(key) == now.get(key):
+      continue
+    changes.append(f'{key}: {saved.get(key, "(absent)")!r} -> {now.get(key, "(absent)")!r}')
+  return changes
+
+
+class WorkdirLock:
+  """An exclusive lock on ``workdir/.lock`` held while the run lives."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.path = workdir / '.lock'
+    self._file = open(self.path, 'a+')  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or 'another process'
+      self._file.close()
+      raise UserError(f'{workdir} is in use by a running training ({holder}); wait for it, '
+                      'or use another --workdir.') from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f'pid {os.getpid()}')
+    self._file.flush()
+
+  def release(self):
+    if not self._file.closed:
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+
+
+def _make_dir(workdir: pathlib.Path) -> None:
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / '.write_probe'
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    raise UserError(f'cannot use {workdir} as a workdir: {e.strerror or e}.') from None
+
+
+def _set_aside(workdir: pathlib.Path) -> pathlib.Path:
+  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+  target = workdir.with_name(f'{workdir.name}.old-{stamp}')
+  shutil.move(str(workdir), str(target))
+  return target
+
+
+def claim(workdir, config_dict: dict, *, restart: bool = False) -> WorkdirLock:
+  """Takes ``workdir`` for a run of ``config_dict``; returns the held lock (see module doc)."""
+  workdir = pathlib.Path(workdir)
+  saved_path = workdir / CONFIG_FILE
+  if restart and workdir.exists() and any(workdir.iterdir()):
+    probe_lock = WorkdirLock(workdir)  # refuses while another run lives there
+    probe_lock.release()
+    moved = _set_aside(workdir)
+    print(f'--restart: the previous run of {workdir} was moved to {moved}.')
+  _make_dir(workdir)
+  lock = WorkdirLock(workdir)
+  try:
+    if saved_path.exists():
+      try:
+        saved = json.loads(saved_path.read_text())
+      except json.JSONDecodeError:
+        saved = None
+      if saved is not None:
+        changes = config_changes(saved, config_dict)
+        if changes:
+          raise UserError(
+              f'{workdir} holds another experiment; these keys differ from its '
+              f'{CONFIG_FILE}: {"; ".join(changes)}. Use a new --workdir, or --restart to '
+              'move the old run aside and start fresh.')
+    tmp = saved_path.with_suffix('.json.tmp')
+    tmp.write_text(json.dumps(config_dict, indent=1, sort_keys=True))
+    tmp.replace(saved_path)
+  except BaseException:
+    lock.release()
+    raise
+  return lock

@@ -1,0 +1,252 @@
+"""Run safety: a workdir holds one experiment and one process, a damaged checkpoint never
+ends a run, and every user error is one line (exit status 2, no traceback)."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from sse_sam_jax import cli
+from sse_sam_jax.train import trainer
+from sse_sam_jax.train import workdir as workdir_lib
+from tests.test_trainer import make_npz, small_config
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+@pytest.fixture(scope='module')
+def npz(tmp_path_factory):
+  return make_npz(tmp_path_factory.mktemp('data') / 'blobs.npz')
+
+
+def tiny(npz, **overrides):
+  return small_config(npz, **{'epochs': 3, 'eval.every_epochs': 3, **overrides})
+
+
+def run_cli(argv, capsys):
+  """``sse-sam-jax ARGV`` in-process: (exit status, stdout, stderr)."""
+  code = cli.main(argv)
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+def assert_one_line_error(code, err, *needles):
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert code == 2, err
+  assert len(lines) == 1 and lines[0].startswith('sse-sam-jax: error: '), err
+  assert 'Traceback' not in err
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+
+
+def npz_args(npz):
+  return ['data.name=npz', f'data.npz_path={npz}', 'data.shots=default', 'model.name=mlp',
+          'optimizer.eta=50', 'epochs=2', 'data.batch_size=32', 'data.imbalance_factor=10']
+
+
+# ------------------------------------------------------------------ one experiment
+@pytest.mark.parametrize('key,value', [('optimizer.lr', 0.5), ('epochs', 5),
+                                       ('loss.name', 'ldam'), ('seed', 3)])
+def test_a_changed_training_key_is_refused_and_changes_nothing(npz, tmp_path, key, value):
+  trainer.train(tiny(npz), tmp_path, progress=False)
+  before = {p: p.read_bytes() for p in (tmp_path / 'results.json', tmp_path / 'config.json')}
+  with pytest.raises(workdir_lib.UserError, match=rf'holds another experiment.*{key}.*--restart'):
+    trainer.train(tiny(npz, **{key: value}), tmp_path, progress=False)
+  assert {p: p.read_bytes() for p in before} == before
+
+
+def test_neutral_keys_may_change_and_restart_starts_fresh(npz, tmp_path, capsys):
+  first = trainer.train(tiny(npz), tmp_path, progress=False)
+  again = trainer.train(tiny(npz, **{'eval.flip_tta': True, 'log_every_steps': 7,
+                                     'checkpoint.keep': 3}), tmp_path, progress=False)
+  assert again['already_finished'] and again['test'] == first['test']
+  fresh = trainer.train(tiny(npz, **{'optimizer.lr': 0.2}), tmp_path, progress=False,
+                        restart=True)
+  assert fresh['test']['all'] > 0.5 and 'already_finished' not in fresh
+  moved = [p for p in tmp_path.parent.iterdir() if p.name.startswith(tmp_path.name + '.old-')]
+  assert len(moved) == 1 and (moved[0] / 'results.json').exists()  # set aside, not deleted
+  assert json.loads((tmp_path / 'config.json').read_text())['optimizer']['lr'] == 0.2
+
+
+def test_a_finished_run_rerun_reports_without_building_anything(npz, tmp_path, monkeypatch):
+  first = trainer.train(tiny(npz), tmp_path, progress=False)
+  stamp = (tmp_path / 'results.json').stat().st_mtime_ns
+  monkeypatch.setattr(trainer, 'prepare', lambda c: pytest.fail('rebuilt the run'))
+  again = trainer.train(tiny(npz), tmp_path, progress=False)
+  assert again['table'] == first['table'] and again['train_seconds'] == first['train_seconds']
+  assert (tmp_path / 'results.json').stat().st_mtime_ns == stamp
+
+
+def test_a_second_process_is_refused_and_a_killed_one_leaves_no_lock(npz, tmp_path):
+  c = tiny(npz)
+  lock = workdir_lib.claim(tmp_path, c.to_dict())
+  try:
+    with pytest.raises(workdir_lib.UserError, match=r'in use by a running training \(pid'):
+      trainer.train(c, tmp_path, progress=False)
+  finally:
+    lock.release()
+  # a holder killed with SIGKILL: the kernel drops its lock
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from sse_sam_jax.train import workdir as w; '
+       'lock = w.claim(sys.argv[1], {}); print("held", flush=True); time.sleep(60)', str(tmp_path / 'k')],
+      stdout=subprocess.PIPE, text=True, cwd=ROOT)
+  assert holder.stdout.readline().strip() == 'held'
+  with pytest.raises(workdir_lib.UserError, match='in use'):
+    workdir_lib.claim(tmp_path / 'k', {})
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  workdir_lib.claim(tmp_path / 'k', {}).release()
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+def _largest_file(folder: pathlib.Path) -> pathlib.Path:
+  return max((p for p in folder.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _damage(step_dir: pathlib.Path, kind: str):
+  state = step_dir / 'state'
+  if kind == 'truncated':
+    f = _largest_file(state)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  elif kind == 'data_deleted':
+    for p in list(state.rglob('*')):
+      if p.is_file() and p.parent.name == 'd':
+        p.unlink()
+  elif kind == 'random_bytes':
+    f = _largest_file(state)
+    f.write_bytes(np.random.default_rng(0).bytes(f.stat().st_size))
+  elif kind == 'meta_deleted':
+    shutil.rmtree(step_dir / 'meta')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(npz, tmp_path_factory):
+  result = trainer.train(tiny(npz), tmp_path_factory.mktemp('full'), progress=False)
+  return jax.device_get(result['state'])
+
+
+@pytest.mark.parametrize('kind', ['truncated', 'data_deleted', 'random_bytes', 'meta_deleted'])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_older_one_restored(
+    npz, tmp_path, uninterrupted, capsys, kind):
+  c = tiny(npz)
+  spe = int(uninterrupted.step) // 3
+  trainer.train(c, tmp_path, progress=False, stop_after_steps=2 * spe + 1)  # ckpts at 1, 2 epochs
+  last = tmp_path / 'checkpoints' / 'last'
+  assert sorted(int(p.name) for p in last.iterdir() if p.name.isdigit()) == [spe, 2 * spe]
+  _damage(last / str(2 * spe), kind)
+  capsys.readouterr()
+  resumed = trainer.train(c, tmp_path, progress=False)
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if 'is damaged' in l]
+  assert len(lines) == 1 and f'checkpoint step {2 * spe} is damaged' in lines[0], err
+  assert 'another config' not in err and 'another experiment' not in err
+  damaged = list((tmp_path / 'checkpoints' / 'damaged').iterdir())
+  assert len(damaged) == 1 and (damaged[0] / 'last').exists()  # kept, not deleted
+  chex.assert_trees_all_equal(jax.device_get(resumed['state']), uninterrupted)
+
+
+# ------------------------------------------------------------------ one-line user errors
+@pytest.mark.parametrize('override,needles', [
+    ('optimizer.head_rho=abc', ['optimizer.head_rho must be a number', "'abc'"]),
+    ('train.epochs=2', ["unknown config key 'train.epochs'", "did you mean 'epochs'"]),
+    ('optimzer.lr=0.1', ["unknown config key 'optimzer.lr'", "did you mean 'optimizer.lr'"]),
+    ('optimizer.gamma=1.5', ['gamma must lie in [0, 1]']),
+    ('optimizer', ["'optimizer' is not key=value"]),
+])
+def test_config_mistakes_are_one_line(npz, tmp_path, capsys, override, needles):
+  code, _, err = run_cli(['train', '--workdir', str(tmp_path / 'w'), *npz_args(npz), override],
+                         capsys)
+  assert_one_line_error(code, err, *needles)
+  assert not (tmp_path / 'w').exists()
+
+
+def test_config_file_mistakes_are_one_line(tmp_path, capsys):
+  code, _, err = run_cli(['train', '--config', str(ROOT / 'README.md')], capsys)
+  assert_one_line_error(code, err, 'is not a Python file')
+  code, _, err = run_cli(['train', '--config', str(tmp_path / 'nope.py')], capsys)
+  assert_one_line_error(code, err, 'not found')
+  (tmp_path / 'empty.py').write_text('x = 1\n')
+  code, _, err = run_cli(['train', '--config', str(tmp_path / 'empty.py')], capsys)
+  assert_one_line_error(code, err, 'has no get_config()')
+
+
+def _bad_npz(path, kind):
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(200, 12)).astype(np.float32), np.repeat(np.arange(4), 50)
+  if kind == 'wrong_keys':
+    np.savez(path, inputs=x, labels=y)
+  elif kind == 'negative_label':
+    y = y.copy()
+    y[3] = -1
+    np.savez(path, x=x, y=y)
+  elif kind == 'mismatched_lengths':
+    np.savez(path, x=x, y=y[:150])
+  elif kind == 'nan_inputs':
+    x[7, 2] = np.nan
+    np.savez(path, x=x, y=y)
+  elif kind == 'empty_class':
+    np.savez(path, x=x, y=np.where(y == 2, 3, y))
+  elif kind == 'not_npz':
+    path.write_text('hello')
+  return path
+
+
+@pytest.mark.parametrize('kind,needle', [
+    ('wrong_keys', "it needs inputs 'x' and labels 'y'"),
+    ('negative_label', 'labels must be >= 0'),
+    ('mismatched_lengths', 'one row per example'),
+    ('nan_inputs', 'NaN or Inf inputs'),
+    ('empty_class', 'have no training example'),
+    ('not_npz', 'not a readable .npz'),
+])
+def test_data_mistakes_are_one_line(tmp_path, capsys, kind, needle):
+  path = _bad_npz(tmp_path / 'bad.npz', kind)
+  args = [a for a in npz_args(path) if not a.startswith('data.imbalance_factor')]
+  code, _, err = run_cli(['train', '--workdir', str(tmp_path / 'w'), *args,
+                          'data.imbalance_factor=1'], capsys)
+  assert_one_line_error(code, err, needle)
+
+
+def test_missing_dataset_is_one_line_with_a_command_that_works_here(tmp_path, capsys):
+  code, _, err = run_cli(['train', '--config', str(ROOT / 'experiments/configs/cifar10_lt_ssesam.py'),
+                          '--workdir', str(tmp_path / 'w'), f'data.data_dir={tmp_path}'], capsys)
+  assert_one_line_error(code, err, "pip install 'sse-sam-jax[prepare]'",
+                        'tfds build cifar10', '--file_format=array_record')
+
+
+def test_an_unusable_workdir_is_one_line(npz, tmp_path, capsys):
+  (tmp_path / 'a_file').write_text('')
+  code, _, err = run_cli(['train', '--workdir', str(tmp_path / 'a_file' / 'run'),
+                          *npz_args(npz)], capsys)
+  assert_one_line_error(code, err, 'cannot use', 'as a workdir')
+
+
+def test_debug_shows_the_traceback(npz, tmp_path):
+  with pytest.raises(ValueError, match='must be a number'):
+    cli.main(['train', '--debug', '--workdir', str(tmp_path), *npz_args(npz),
+              'optimizer.head_rho=abc'])
+
+
+@pytest.mark.parametrize('command', ['eval', 'hessian'])
+def test_eval_and_hessian_without_checkpoints_fail_first_and_write_nothing(
+    npz, tmp_path, capsys, monkeypatch, command):
+  monkeypatch.setattr(trainer, 'prepare', lambda c: pytest.fail('built the run first'))
+  code, _, err = run_cli([command, '--workdir', str(tmp_path / 'missing'), *npz_args(npz)],
+                         capsys)
+  assert_one_line_error(code, err, 'no checkpoint in', 'train first')
+  assert not (tmp_path / 'missing').exists()
+
+
+def test_nan_stop_without_a_checkpoint_says_so(npz, tmp_path):
+  c = tiny(npz, **{'optimizer.lr': 1e30, 'optimizer.schedule': 'constant'})
+  with pytest.raises(trainer.NonFiniteLossError, match='no checkpoint was written yet'):
+    trainer.train(c, tmp_path, progress=False)
