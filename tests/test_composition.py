@@ -449,3 +449,17 @@ def _with_pure(state, pure):
   state = jax.tree.map(lambda v: v, state)
   nnx.replace_by_pure_dict(state, pure)
   return state
+
+
+def test_sam_takes_the_ascent_direction_from_loss_vjp_not_from_the_incoming_updates():
+  """With ``loss_vjp`` the clean gradient comes from it (the trainer's shared pass);
+  the incoming updates are not read."""
+  params = init_params(1)
+  x, y = make_batch(2)
+  loss_fn = lambda p: per_example_loss(p, (x, y))
+  losses, vjp_fn = jax.vjp(loss_fn, params)
+  tx = ssj.sam(0.3)
+  other = jax.tree.map(lambda a: jnp.flip(a) + 1.0, mean_grad(loss_fn, params))
+  got, _ = tx.update(other, tx.init(params), params, loss_fn=loss_fn, loss_vjp=(losses, vjp_fn))
+  want, _ = direction(tx, params, loss_fn, y)
+  chex.assert_trees_all_close(got, want, rtol=1e-6)
