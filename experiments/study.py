@@ -1,7 +1,7 @@
 """The reproduction study on the offline long-tailed benchmark: run, resume, report.
 
   python experiments/study.py run --seeds 0 1 2 [--setting B] [--only sgd sse_sam]
-  python experiments/study.py report
+  python experiments/report.py
 
 Every run is a training of ``sse_sam_jax.train.trainer`` with the offline
 benchmark's config plus the overrides below; each writes
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import time
 
 
@@ -119,17 +118,12 @@ def load(setting: str):
 
 def main(argv=None):
   parser = argparse.ArgumentParser()
-  parser.add_argument('command', choices=('run', 'report'))
+  parser.add_argument('command', choices=('run',), help='the report: experiments/report.py')
   parser.add_argument('--setting', default='B', choices=tuple(SETTINGS))
   parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   parser.add_argument('--only', nargs='+', default=None, choices=tuple(RUNS))
   args = parser.parse_args(argv)
-  if args.command == 'run':
-    run_all(args.setting, args.seeds, args.only)
-  else:
-    sys.path.insert(0, str(ROOT / 'experiments'))
-    import report
-    report.write_report()
+  run_all(args.setting, args.seeds, args.only)
 
 
 if __name__ == '__main__':

@@ -8,7 +8,7 @@
 from sse_sam_jax.optim import (
     HEAD, TAIL, NORMALIZATIONS, SharpnessAwareState, StageSwitchState, bind_extra_args,
     example_groups, group_coefficients, group_sam, imbsam, mean_across, microbatched, perturb,
-    resolve_mask, sam, sam_then_imbsam, sse_sam, stage_at, stage_switch, switch_step,
+    resolve_mask, sam, sam_then_imbsam, sse_sam, stage_at, stage_boundaries, stage_switch, switch_step,
     tail_classes, validate_class_counts, validate_radius)
 
 __version__ = '0.2.0'

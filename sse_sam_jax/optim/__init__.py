@@ -7,4 +7,5 @@ from sse_sam_jax.optim.sharpness_aware import (
     NORMALIZATIONS, SharpnessAwareState, group_coefficients, group_sam, imbsam, mean_across, perturb,
     resolve_mask, sam, validate_radius)
 from sse_sam_jax.optim.stage_switch import (
-    StageSwitchState, sam_then_imbsam, sse_sam, stage_at, stage_switch, switch_step)
+    StageSwitchState, sam_then_imbsam, sse_sam, stage_at, stage_boundaries, stage_switch,
+    switch_step)

@@ -92,7 +92,21 @@ def stage_switch(transforms: Sequence[optax.GradientTransformation],
           (updates, state.stage_states, params))
     return new_updates, StageSwitchState(optax.safe_increment(state.count), stage_states)
 
+  update_fn.stage_boundaries = boundaries  # read by stage_boundaries()
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def stage_boundaries(transform: optax.GradientTransformation) -> tuple[int, ...]:
+  """The step boundaries of a :func:`stage_switch` (``()`` for any other transform).
+
+  A trainer that compiles one program per stage (``update(..., stage=i)``) reads
+  them here, from the transform itself, instead of recomputing them.
+
+  >>> import sse_sam_jax as ssj
+  >>> ssj.stage_boundaries(ssj.sse_sam(0.05, 0.1, switch_step=700))
+  (700,)
+  """
+  return tuple(getattr(transform.update, 'stage_boundaries', ()))
 
 
 def stage_at(step: int, boundaries: Sequence[int]) -> int:

@@ -19,6 +19,7 @@ from sse_sam_jax.train.sharding import PARAMETER_SHARDINGS
 DATASETS = ('mnist1d', 'cifar10', 'cifar100', 'npz', 'imagenet_lt', 'inaturalist2018')
 PERTURBATION_SCOPES = ('global', 'per_device', 'microbatch')
 OPTIMIZERS = ('sgd', 'sam', 'imbsam', 'group_sam', 'sse_sam', 'sam_then_imbsam')
+BASE_OPTIMIZERS = ('sgd', 'nesterov', 'adamw')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -37,7 +38,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name='sse_sam', rho=0.05, head_rho=0.05, tail_rho=0.1, gamma=0.7, eta=1000.0,
       normalization='batch', tail_weight=1.0,
-      lr=0.05, schedule='cosine', warmup_epochs=5, momentum=0.9, weight_decay=5e-4))
+      # the base optimizer: 'sgd' (heavy ball, the references'), 'nesterov' or 'adamw'
+      base='sgd', lr=0.05, schedule='cosine', warmup_epochs=0, momentum=0.9,
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=5e-4,
+      clip_norm=0.0))  # > 0: clip the sharpness-aware direction to this global norm
   c.eval = ml_collections.ConfigDict(dict(
       flip_tta=False, every_epochs=10, select_on='none', batch_size=1000))
   c.checkpoint = ml_collections.ConfigDict(dict(every_epochs=5, keep=2))
@@ -70,6 +74,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   o = c.optimizer
   check(o.name in OPTIMIZERS, f'unknown optimizer {o.name!r}; choose one of {OPTIMIZERS}.')
   check(o.schedule in SCHEDULES, f'unknown schedule {o.schedule!r}; choose one of {SCHEDULES}.')
+  check(o.base in BASE_OPTIMIZERS,
+        f'unknown optimizer.base {o.base!r}; choose one of {BASE_OPTIMIZERS}.')
+  check(int(o.warmup_epochs) == o.warmup_epochs and 0 <= o.warmup_epochs < c.epochs,
+        f'optimizer.warmup_epochs must be an integer in [0, epochs), got {o.warmup_epochs}.')
+  check(o.clip_norm >= 0, f'optimizer.clip_norm must be >= 0 (0: off), got {o.clip_norm}.')
+  check(0 <= o.b1 < 1 and 0 <= o.b2 < 1 and o.eps > 0,
+        'optimizer.b1 and optimizer.b2 must lie in [0, 1) and optimizer.eps be > 0.')
   check(o.normalization in NORMALIZATIONS,
         f'optimizer.normalization must be one of {NORMALIZATIONS}, got {o.normalization!r}.')
   check(o.lr > 0, f'optimizer.lr must be > 0, got {o.lr}.')

@@ -31,11 +31,28 @@ def ldam_step(lr: float, steps_per_epoch: int, warmup_epochs: int = 5,
 SCHEDULES = ('cosine', 'ldam_step', 'constant')
 
 
-def make(name: str, lr: float, epochs: int, steps_per_epoch: int, **kw) -> optax.Schedule:
+def with_warmup(schedule: optax.Schedule, lr: float, warmup_epochs: int,
+                steps_per_epoch: int) -> optax.Schedule:
+  """LDAM-DRW's linear warm-up by epoch, ``lr * (e + 1) / warmup_epochs`` for the first
+  ``warmup_epochs`` epochs, then ``schedule``."""
+  if warmup_epochs <= 0:
+    return schedule
+
+  def warm(count):
+    epoch = count // steps_per_epoch
+    return jnp.where(epoch < warmup_epochs, lr * (epoch + 1) / warmup_epochs, schedule(count))
+  return warm
+
+
+def make(name: str, lr: float, epochs: int, steps_per_epoch: int,
+         warmup_epochs: int = 0) -> optax.Schedule:
+  """The ``name`` schedule with ``warmup_epochs`` of linear warm-up (any schedule)."""
   if name == 'cosine':
-    return epoch_cosine(lr, epochs, steps_per_epoch)
-  if name == 'ldam_step':
-    return ldam_step(lr, steps_per_epoch, **kw)
-  if name == 'constant':
-    return optax.constant_schedule(lr)
-  raise ValueError(f'unknown schedule {name!r}; choose one of {SCHEDULES}.')
+    base = epoch_cosine(lr, epochs, steps_per_epoch)
+  elif name == 'ldam_step':
+    return ldam_step(lr, steps_per_epoch, warmup_epochs=warmup_epochs)
+  elif name == 'constant':
+    base = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f'unknown schedule {name!r}; choose one of {SCHEDULES}.')
+  return with_warmup(base, lr, warmup_epochs, steps_per_epoch)

@@ -69,7 +69,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
   params = optax.apply_updates(state.params, updates)
 
   loss_sum = jnp.sum(losses)
-  finite = jnp.isfinite(loss_sum) & jnp.isfinite(optax.global_norm(params))
+  finite = jnp.isfinite(loss_sum) & jnp.isfinite(optax.tree.norm(params))
   metrics = dict(loss_sum=loss_sum.astype(jnp.float32),
                  correct=jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32),
                  count=jnp.asarray(labels.shape[0], jnp.int32), finite=finite)

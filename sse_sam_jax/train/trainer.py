@@ -102,8 +102,41 @@ def build_loss(c, stats: data_lib.ClassStats, steps_per_epoch: int):
   return loss
 
 
+def build_direction(c, steps_per_epoch: int):
+  """The sharpness-aware transform of ``c.optimizer.name`` (``None`` for SGD)."""
+  o = c.optimizer
+  group_kw = dict(normalization=o.normalization, tail_weight=o.tail_weight)
+  switch = ssj.switch_step(o.gamma, c.epochs, steps_per_epoch)
+  return {
+      'sgd': lambda: None,
+      'sam': lambda: ssj.sam(o.rho),
+      'imbsam': lambda: ssj.imbsam(o.tail_rho, **group_kw),
+      'group_sam': lambda: ssj.group_sam((o.head_rho, o.tail_rho), normalization=o.normalization,
+                                         group_weights=(1.0, o.tail_weight)),
+      'sse_sam': lambda: ssj.sse_sam(o.head_rho, o.tail_rho, switch, **group_kw),
+      'sam_then_imbsam': lambda: ssj.sam_then_imbsam(o.rho, o.tail_rho, switch, **group_kw),
+  }[o.name]()
+
+
+def build_base_optimizer(c, lr) -> list:
+  """Weight decay and the base optimizer, fed the sharpness-aware direction.
+
+  ``sgd`` / ``nesterov``: weight decay coupled into the direction at the unperturbed
+  weights (the references' ``g + wd * w``), then SGD with (Nesterov) momentum.
+  ``adamw``: Adam with decoupled weight decay (``optax.adamw``).
+  """
+  o = c.optimizer
+  if o.base == 'adamw':
+    return [optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)]
+  return [optax.add_decayed_weights(o.weight_decay),
+          optax.sgd(lr, momentum=o.momentum, nesterov=o.base == 'nesterov')]
+
+
 def build_optimizer(c, steps_per_epoch: int):
-  """Returns ``(tx, stage boundaries)``; the SAM family first, then wd and momentum SGD.
+  """Returns ``(tx, stage boundaries)``: the SAM family first, then (per scope) the
+  average across devices or microbatches, optional clipping of the direction
+  (``optimizer.clip_norm``), weight decay and the base optimizer. The stage
+  boundaries are read from the transform (:func:`sse_sam_jax.stage_boundaries`).
 
   With ``perturbation_scope='per_device'`` the direction is averaged across the
   mesh's ``data`` axis right after the sharpness-aware transform; with
@@ -111,25 +144,17 @@ def build_optimizer(c, steps_per_epoch: int):
   """
   o = c.optimizer
   lr = schedules.make(o.schedule, o.lr, c.epochs, steps_per_epoch,
-                      **({'warmup_epochs': o.warmup_epochs} if o.schedule == 'ldam_step' else {}))
-  switch = ssj.switch_step(o.gamma, c.epochs, steps_per_epoch)
-  group_kw = dict(normalization=o.normalization, tail_weight=o.tail_weight)
-  direction, boundaries = {
-      'sgd': (None, []),
-      'sam': (lambda: ssj.sam(o.rho), []),
-      'imbsam': (lambda: ssj.imbsam(o.tail_rho, **group_kw), []),
-      'group_sam': (lambda: ssj.group_sam((o.head_rho, o.tail_rho), normalization=o.normalization,
-                                          group_weights=(1.0, o.tail_weight)), []),
-      'sse_sam': (lambda: ssj.sse_sam(o.head_rho, o.tail_rho, switch, **group_kw), [switch]),
-      'sam_then_imbsam': (lambda: ssj.sam_then_imbsam(o.rho, o.tail_rho, switch, **group_kw),
-                          [switch]),
-  }[o.name]
-  parts = [direction()] if direction else []
+                      warmup_epochs=o.warmup_epochs)
+  direction = build_direction(c, steps_per_epoch)
+  parts = [direction] if direction is not None else []
   if c.perturbation_scope == 'per_device':
     parts.append(ssj.mean_across('data'))
   elif c.perturbation_scope == 'microbatch':
     parts.append(ssj.mean_across(('data', MICROBATCH_AXIS)))
-  parts += [optax.add_decayed_weights(o.weight_decay), optax.sgd(lr, momentum=o.momentum)]
+  if o.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(o.clip_norm))
+  parts += build_base_optimizer(c, lr)
+  boundaries = list(ssj.stage_boundaries(direction)) if direction is not None else []
   return optax.chain(*parts), boundaries
 
 
