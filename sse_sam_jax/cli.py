@@ -151,13 +151,15 @@ def _run(args):
   if args.distributed:
     import jax
     jax.distributed.initialize()  # TPU VM pods / multi-host GPU: reads the cluster env
-  from sse_sam_jax.train import trainer
+  from sse_sam_jax.train import commands, trainer
   if args.command == 'train':
     result = trainer.train(c, args.workdir, progress=not args.no_progress, restart=args.restart)
+    if result.get('preempted'):
+      return 128 + 15  # stopped by SIGTERM, checkpoint saved: the rerun resumes
   elif args.command == 'eval':
-    result = trainer.evaluate_checkpoint(c, args.workdir)
+    result = commands.evaluate_checkpoint(c, args.workdir)
   else:
-    result = trainer.hessian_of_checkpoint(
+    result = commands.hessian_of_checkpoint(
         c, args.workdir, groups=args.groups, split=args.split, lanczos_iters=args.lanczos_iters,
         trace_probes=args.trace_probes, max_examples=args.max_examples,
         progress=not args.no_progress)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from sse_sam_jax import cli
-from sse_sam_jax.train import trainer
+from sse_sam_jax.train import setup, trainer
 from sse_sam_jax.train import workdir as workdir_lib
 from tests.test_trainer import make_npz, small_config
 
@@ -80,7 +80,7 @@ def test_neutral_keys_may_change_and_restart_starts_fresh(npz, tmp_path, capsys)
 def test_a_finished_run_rerun_reports_without_building_anything(npz, tmp_path, monkeypatch):
   first = trainer.train(tiny(npz), tmp_path, progress=False)
   stamp = (tmp_path / 'results.json').stat().st_mtime_ns
-  monkeypatch.setattr(trainer, 'prepare', lambda c: pytest.fail('rebuilt the run'))
+  monkeypatch.setattr(setup, 'prepare', lambda c: pytest.fail('rebuilt the run'))
   again = trainer.train(tiny(npz), tmp_path, progress=False)
   assert again['table'] == first['table'] and again['train_seconds'] == first['train_seconds']
   assert (tmp_path / 'results.json').stat().st_mtime_ns == stamp
@@ -239,7 +239,7 @@ def test_debug_shows_the_traceback(npz, tmp_path):
 @pytest.mark.parametrize('command', ['eval', 'hessian'])
 def test_eval_and_hessian_without_checkpoints_fail_first_and_write_nothing(
     npz, tmp_path, capsys, monkeypatch, command):
-  monkeypatch.setattr(trainer, 'prepare', lambda c: pytest.fail('built the run first'))
+  monkeypatch.setattr(setup, 'prepare', lambda c: pytest.fail('built the run first'))
   code, _, err = run_cli([command, '--workdir', str(tmp_path / 'missing'), *npz_args(npz)],
                          capsys)
   assert_one_line_error(code, err, 'no checkpoint in', 'train first')
@@ -250,3 +250,42 @@ def test_nan_stop_without_a_checkpoint_says_so(npz, tmp_path):
   c = tiny(npz, **{'optimizer.lr': 1e30, 'optimizer.schedule': 'constant'})
   with pytest.raises(trainer.NonFiniteLossError, match='no checkpoint was written yet'):
     trainer.train(c, tmp_path, progress=False)
+
+
+# ------------------------------------------------------------------ preemption
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(npz, tmp_path):
+  """A real SIGTERM mid-epoch (a preempted VM): the run checkpoints the current step and
+  exits 143; rerunning the same command ends with the uninterrupted run's results."""
+  args = [*npz_args(npz), 'epochs=6', 'log_every_steps=1', 'checkpoint.every_epochs=3']
+  cmd = [sys.executable, '-m', 'sse_sam_jax.cli', 'train', '--no-progress']
+  full = subprocess.run([*cmd, '--workdir', str(tmp_path / 'full'), *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert full.returncode == 0, full.stderr[-2000:]
+  work = tmp_path / 'preempted'
+  proc = subprocess.Popen([*cmd, '--workdir', str(work), *args], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = work / 'metrics.jsonl'
+  deadline = time.monotonic() + 300
+  while time.monotonic() < deadline and proc.poll() is None:
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    if len(lines) >= 3:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, (out[-1000:], err[-2000:])
+  assert 'SIGTERM: checkpoint saved at step' in out
+  saved = int(out.split('SIGTERM: checkpoint saved at step ')[1].split()[0])
+  assert (work / 'checkpoints' / 'last' / str(saved)).exists()
+  again = subprocess.run([*cmd, '--workdir', str(work), *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert f'Resumed from step {saved}' in again.stdout
+  want = json.loads((tmp_path / 'full' / 'results.json').read_text())
+  got = json.loads((work / 'results.json').read_text())
+  assert got['test']['confusion'] == want['test']['confusion']
+  assert got['test']['all'] == want['test']['all']
+  lines = [json.loads(l) for l in metrics.read_text().splitlines()]
+  full_lines = [json.loads(l) for l in (tmp_path / 'full' / 'metrics.jsonl').read_text().splitlines()]
+  assert [l['step'] for l in lines] == [l['step'] for l in full_lines]  # each step once
+  assert [l.get('train_loss') for l in lines] == [l.get('train_loss') for l in full_lines]

@@ -1,0 +1,246 @@
+"""Config -> everything a run needs, each decision made once.
+
+The builders turn a validated config into the run's parts: the long-tailed data
+and its class statistics (:func:`build_data`, :func:`class_stats`), the
+per-example loss with DRW timing (:func:`build_loss`), the optimizer chain
+(:func:`build_direction` -> :func:`scope_plan`'s average -> clipping ->
+:func:`build_base_optimizer`), and :func:`prepare` puts them together with the
+model, the mesh and the sharded initial state in a :class:`Run`. Nothing here
+compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+
+import sse_sam_jax.optim as ssj
+from sse_sam_jax import data as data_lib
+from sse_sam_jax import losses as losses_lib
+from sse_sam_jax import models
+from sse_sam_jax.data import augment as augment_lib
+from sse_sam_jax.train import config as config_lib
+from sse_sam_jax.train import schedules
+from sse_sam_jax.train import sharding as sharding_lib
+from sse_sam_jax.train.step import MICROBATCH_AXIS, init_state
+
+
+def build_data(c) -> data_lib.LongTailData:
+  """The config's dataset as long-tailed train / test (/ val) splits."""
+  d = c.data
+  if d.name == 'mnist1d':
+    return data_lib.mnist1d_long_tail(iid_noise_scale=d.iid_noise_scale,
+                                      imbalance_factor=d.imbalance_factor,
+                                      num_samples=d.num_samples, n_max=d.n_max,
+                                      val_fraction=d.val_fraction)
+  if d.name in ('cifar10', 'cifar100'):
+    lt = data_lib.tfds_long_tail(d.name, d.imbalance_factor, data_dir=d.data_dir or None,
+                                 profile=d.profile, selection=d.selection,
+                                 val_fraction=d.val_fraction)
+    for s in (lt.train, lt.test, lt.val):
+      if s is not None and s.x.dtype == np.uint8:
+        s.x = augment_lib.normalize_images(s.x)
+    return lt
+  if d.name == 'imagenet_lt':
+    return data_lib.imagenet_lt(d.train_list, d.test_list, data_dir=d.data_dir or None,
+                                size=d.image_size, val_fraction=d.val_fraction)
+  if d.name == 'inaturalist2018':
+    return data_lib.inaturalist2018(data_dir=d.data_dir or None, size=d.image_size,
+                                    val_fraction=d.val_fraction)
+  if d.name == 'npz':
+    return data_lib.npz_long_tail(d.npz_path, d.imbalance_factor if d.imbalance_factor > 1 else None,
+                                  val_fraction=d.val_fraction, profile=d.profile,
+                                  selection=d.selection)
+  raise ValueError(f'unknown dataset {d.name!r}')
+
+
+def class_stats(c, train: data_lib.Split) -> data_lib.ClassStats:
+  """Training-set class counts with the dataset's Many/Medium/Few thresholds."""
+  many, few = data_lib.SHOT_THRESHOLDS.get(c.data.shots, data_lib.SHOT_THRESHOLDS['default'])
+  return data_lib.ClassStats.from_labels(train.label, train.num_classes, many_above=many,
+                                         few_below=few)
+
+
+def build_loss(c, stats: data_lib.ClassStats, steps_per_epoch: int):
+  """Per-example loss ``(logits, labels, step) -> [B]``; DRW switches on by step."""
+  l = c.loss
+  weights = None
+  if l.drw_epoch >= 0:
+    cb = jnp.asarray(losses_lib.class_balanced_weights(stats.counts, l.drw_beta))
+    drw_step = int(l.drw_epoch) * steps_per_epoch
+    weights = lambda step: jnp.where(step >= drw_step, cb, jnp.ones_like(cb))
+  margins = losses_lib.ldam_margins(stats.counts, l.ldam_max_margin)
+
+  def loss(logits, labels, step):
+    w = None if weights is None else weights(step)
+    if l.name == 'ce':
+      return losses_lib.cross_entropy(logits, labels, w)
+    if l.name == 'ldam':
+      return losses_lib.ldam(logits, labels, margins, l.ldam_scale, w)
+    if l.name == 'logit_adjusted':
+      return losses_lib.logit_adjusted(logits, labels, stats.counts, l.tau, w)
+    if l.name == 'vs':
+      return losses_lib.vector_scaling(logits, labels, stats.counts, l.vs_gamma, l.tau, w)
+    raise ValueError(l.name)
+  return loss
+
+
+def build_direction(c, steps_per_epoch: int):
+  """The sharpness-aware transform of ``c.optimizer.name`` (``None`` for SGD)."""
+  o = c.optimizer
+  group_kw = dict(normalization=o.normalization, tail_weight=o.tail_weight)
+  switch = ssj.switch_step(o.gamma, c.epochs, steps_per_epoch)
+  return {
+      'sgd': lambda: None,
+      'sam': lambda: ssj.sam(o.rho),
+      'imbsam': lambda: ssj.imbsam(o.tail_rho, **group_kw),
+      'group_sam': lambda: ssj.group_sam((o.head_rho, o.tail_rho), normalization=o.normalization,
+                                         group_weights=(1.0, o.tail_weight)),
+      'sse_sam': lambda: ssj.sse_sam(o.head_rho, o.tail_rho, switch, **group_kw),
+      'sam_then_imbsam': lambda: ssj.sam_then_imbsam(o.rho, o.tail_rho, switch, **group_kw),
+  }[o.name]()
+
+
+def build_base_optimizer(c, lr) -> list:
+  """Weight decay and the base optimizer, fed the sharpness-aware direction.
+
+  ``sgd`` / ``nesterov``: weight decay coupled into the direction at the unperturbed
+  weights (the references' ``g + wd * w``), then SGD with (Nesterov) momentum.
+  ``adamw``: Adam with decoupled weight decay (``optax.adamw``).
+  """
+  o = c.optimizer
+  if o.base == 'adamw':
+    return [optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)]
+  return [optax.add_decayed_weights(o.weight_decay),
+          optax.sgd(lr, momentum=o.momentum, nesterov=o.base == 'nesterov')]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScopePlan:
+  """What ``perturbation_scope`` decides, decided once (:func:`scope_plan`).
+
+  ``average``: the transform chained right after the sharpness-aware one (the
+  direction averaged across devices and/or microbatches), or ``None``;
+  ``per_device_axis`` / ``microbatch``: how :class:`~sse_sam_jax.train.step.CompiledTrainStep`
+  wraps the step; :meth:`layout` what every checkpoint records of it.
+  """
+  scope: str
+  average: optax.GradientTransformation | None
+  per_device_axis: str | None
+  microbatch: int | None
+
+  def layout(self, c, n_dev: int) -> dict:
+    """What defines the perturbation's examples; saved with every checkpoint."""
+    return {'devices': n_dev, 'perturbation_scope': self.scope,
+            'perturbation_microbatch': int(self.microbatch or 0),
+            'parameter_sharding': c.parameter_sharding}
+
+
+def scope_plan(c) -> ScopePlan:
+  """``global``: one perturbation of the whole batch, as one device computes it.
+  ``per_device``: every device perturbs from its shard (``shard_map`` over the
+  mesh axis), the directions averaged once. ``microbatch``: every run of
+  ``perturbation_microbatch`` examples perturbs on its own (``vmap`` inside
+  ``shard_map``: the same microbatches on any device count, and no gathered
+  activations), averaged over both axes."""
+  axis = sharding_lib.AXIS
+  if c.perturbation_scope == 'per_device':
+    return ScopePlan('per_device', ssj.mean_across(axis), axis, None)
+  if c.perturbation_scope == 'microbatch':
+    return ScopePlan('microbatch', ssj.mean_across((axis, MICROBATCH_AXIS)), axis,
+                     int(c.perturbation_microbatch))
+  return ScopePlan('global', None, None, None)
+
+
+def build_optimizer(c, steps_per_epoch: int):
+  """Returns ``(tx, stage boundaries)``: the SAM family first, then (per scope) the
+  average across devices or microbatches, optional clipping of the direction
+  (``optimizer.clip_norm``), weight decay and the base optimizer. The stage
+  boundaries are read from the transform (:func:`sse_sam_jax.stage_boundaries`).
+
+  With ``perturbation_scope='per_device'`` the direction is averaged across the
+  mesh's ``data`` axis right after the sharpness-aware transform; with
+  ``perturbation_scope='microbatch'`` across the microbatches and devices.
+  """
+  o = c.optimizer
+  lr = schedules.make(o.schedule, o.lr, c.epochs, steps_per_epoch,
+                      warmup_epochs=o.warmup_epochs)
+  direction = build_direction(c, steps_per_epoch)
+  parts = [direction] if direction is not None else []
+  scope = scope_plan(c)
+  if scope.average is not None:
+    parts.append(scope.average)
+  if o.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(o.clip_norm))
+  parts += build_base_optimizer(c, lr)
+  boundaries = list(ssj.stage_boundaries(direction)) if direction is not None else []
+  return optax.chain(*parts), boundaries
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run is built from, before anything compiles."""
+  data: data_lib.LongTailData
+  stats: data_lib.ClassStats
+  class_groups: np.ndarray | None
+  spec: data_lib.BatchSpec
+  steps_per_epoch: int
+  mesh: jax.sharding.Mesh
+  state_sharding: object  # a NamedSharding per state leaf
+  batch_sharding: NamedSharding
+  model: models.FunctionalModel
+  state: object
+  loss: object
+  tx: optax.GradientTransformation
+  boundaries: list
+  scope: 'ScopePlan'
+
+
+def prepare(c) -> Run:
+  """Data, class statistics, checks against them, model, loss, optimizer, initial state."""
+  config_lib.validate(c)
+  lt = build_data(c)
+  stats = class_stats(c, lt.train)
+  class_groups = None
+  if c.optimizer.name not in ('sgd', 'sam'):
+    class_groups = stats.class_groups(c.optimizer.eta)  # raises if no head or no tail class
+  spec = data_lib.BatchSpec(c.data.batch_size, c.data.drop_remainder)
+  steps_per_epoch = spec.steps_per_epoch(len(lt.train))
+
+  mesh = sharding_lib.make_mesh(c.num_devices)
+  check_batch_sizes(c, spec.batch_sizes(len(lt.train)), mesh.devices.size)
+
+  model_kw = dict(normed_classifier=c.model.normed_classifier)
+  if c.model.name == 'mlp':
+    model_kw['in_features'] = int(np.prod(lt.train.x.shape[1:]))
+  model, params, batch_stats = models.create(c.model.name, lt.train.num_classes, seed=c.seed,
+                                             **model_kw)
+  loss = build_loss(c, stats, steps_per_epoch)
+  tx, boundaries = build_optimizer(c, steps_per_epoch)
+  state = init_state(params, batch_stats, tx)
+  state_sharding = sharding_lib.state_sharding(state, mesh, c.parameter_sharding,
+                                               min_elements=c.fsdp_min_elements)
+  state = jax.device_put(state, state_sharding)
+  return Run(lt, stats, class_groups, spec, steps_per_epoch, mesh, state_sharding,
+             sharding_lib.batch_sharding(mesh), model, state, loss, tx, boundaries,
+             scope_plan(c))
+
+
+def check_batch_sizes(c, batch_sizes, n_dev: int) -> None:
+  """Every batch must split over the devices, and with microbatches every device's
+  shard into whole microbatches; raises before anything compiles."""
+  bad = [b for b in batch_sizes if b % n_dev]
+  if bad:
+    raise ValueError(f'batch sizes {bad} do not divide over {n_dev} devices; set '
+                     'data.drop_remainder=True or a batch size divisible by the device count.')
+  m = c.perturbation_microbatch
+  bad = [b // n_dev for b in batch_sizes if (b // n_dev) % m] if m else []
+  if bad:
+    raise ValueError(f'per-device batches of {bad} examples do not split into microbatches of '
+                     f'perturbation_microbatch={m}; choose m dividing them (or '
+                     'data.drop_remainder=True).')
