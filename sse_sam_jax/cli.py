@@ -1,7 +1,7 @@
 """Command line: ``sse-sam-jax train|eval|hessian [--config FILE] [--workdir DIR] [key=value ...]``.
 
 ``--config`` is a Python file with ``get_config()`` returning an
-``ml_collections.ConfigDict`` (see ``experiments/configs/``); without it, the
+``ml_collections.ConfigDict``, or the name of a shipped one (``sse_sam_jax/configs/``); without it, the
 offline long-tailed benchmark. Overrides are dotted keys:
 ``optimizer.name=sam optimizer.rho=0.1 epochs=10``.
 """
@@ -75,6 +75,13 @@ def load_config(path: str | None, overrides: list[str]):
   dotted ``key=value`` overrides applied; a mistake is a one-line ``ValueError``."""
   if path:
     file = pathlib.Path(path)
+    if not file.suffix and not file.exists():  # a shipped config, by name
+      from sse_sam_jax import configs  # pylint: disable=g-import-not-at-top
+      if path not in configs.NAMES:
+        close = difflib.get_close_matches(path, configs.NAMES, n=1)
+        raise _ConfigError(f'no config named {path!r}; shipped: {", ".join(configs.NAMES)}'
+                           + (f' (did you mean {close[0]!r}?)' if close else '') + '.')
+      file = pathlib.Path(configs.__file__).with_name(f'{path}.py')
     if not file.is_file():
       raise _ConfigError(f'config file {path} not found.')
     if file.suffix != '.py':
@@ -112,10 +119,50 @@ USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryErro
                FileExistsError, FloatingPointError, RuntimeError, KeyError)
 
 
+def _split_config_flags(argv):
+  """ml_collections' flag style: ``--config.a.b=v`` / ``--config.a.b v`` -> ``a.b=v``."""
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith('--config.'):
+      key, sep, value = arg[len('--config.'):].partition('=')
+      if not sep:
+        if i + 1 >= len(argv):
+          raise _ConfigError(f'{arg} needs a value.')
+        value, i = argv[i + 1], i + 1
+      overrides.append(f'{key}={value}')
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def describe_config(c) -> str:
+  """Every key of ``c`` with its value, one per line."""
+  return '\n'.join(f'{k} = {v!r}' for k, v in sorted(
+      (k, _get(c, k)) for k in _flat_keys(c)))
+
+
+def _get(c, key):
+  for part in key.split('.'):
+    c = c[part]
+  return c
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog='sse-sam-jax', description=__doc__.splitlines()[0])
-  parser.add_argument('command', choices=('train', 'eval', 'hessian'))
-  parser.add_argument('--config', default=None)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    argv, flag_overrides = _split_config_flags(argv)
+  except _ConfigError as e:
+    print(f'sse-sam-jax: error: {e}', file=sys.stderr)
+    return 2
+  parser = argparse.ArgumentParser(
+      prog='sse-sam-jax', description=__doc__.splitlines()[0],
+      epilog='Overrides: key=value or --config.key=value; `sse-sam-jax config [--config X]` '
+             'lists every key with its value.')
+  parser.add_argument('command', choices=('train', 'eval', 'hessian', 'config'))
+  parser.add_argument('--config', default=None,
+                      help='a shipped config by name (e.g. cifar100_lt_ssesam) or a .py path')
   parser.add_argument('--workdir', default='runs/default')
   parser.add_argument('--no-progress', action='store_true')
   parser.add_argument('--restart', action='store_true',
@@ -132,6 +179,7 @@ def main(argv=None):
   parser.add_argument('--max-examples', type=int, default=4096)
   parser.add_argument('overrides', nargs='*', help='dotted key=value config overrides')
   args = parser.parse_intermixed_args(argv)
+  args.overrides = list(args.overrides) + flag_overrides
   _require_training_extra()
   try:
     return _run(args)
@@ -148,6 +196,9 @@ def main(argv=None):
 def _run(args):
   c = load_config(args.config, args.overrides)
   config_lib.validate(c)
+  if args.command == 'config':
+    print(describe_config(c))
+    return 0
   if args.distributed:
     import jax
     jax.distributed.initialize()  # TPU VM pods / multi-host GPU: reads the cluster env

@@ -217,7 +217,7 @@ def test_data_mistakes_are_one_line(tmp_path, capsys, kind, needle):
 
 
 def test_missing_dataset_is_one_line_with_a_command_that_works_here(tmp_path, capsys):
-  code, _, err = run_cli(['train', '--config', str(ROOT / 'experiments/configs/cifar10_lt_ssesam.py'),
+  code, _, err = run_cli(['train', '--config', str('cifar10_lt_ssesam'),
                           '--workdir', str(tmp_path / 'w'), f'data.data_dir={tmp_path}'], capsys)
   assert_one_line_error(code, err, "pip install 'sse-sam-jax[prepare]'",
                         'tfds build cifar10', '--file_format=array_record')

@@ -3,7 +3,7 @@ given in shared/method.md: 90 epochs, batch 256, lr 0.1 cosine, wd 5e-4, random 
 crop + flip at 224, eta 100 (Many > 100, Few < 20 training images).
 
   tfds build imagenet2012 --manual_dir=<folder with the ILSVRC2012 tars> --file_format=array_record
-  sse-sam-jax train --config experiments/configs/imagenet_lt.py \
+  sse-sam-jax train --config imagenet_lt \
       data.train_list=/path/ImageNet_LT_train.txt data.test_list=/path/ImageNet_LT_test.txt
 """
 

@@ -1,6 +1,6 @@
 """The offline long-tailed benchmark (setting B): MNIST-1D-LT, IF 100, noise 0.07, SSE-SAM.
 
-  sse-sam-jax train --config experiments/configs/mnist1d_lt.py --workdir runs/mnist1d_lt
+  sse-sam-jax train --config mnist1d_lt --workdir runs/mnist1d_lt
 Setting A (saturated): add data.iid_noise_scale=0.02.
 """
 

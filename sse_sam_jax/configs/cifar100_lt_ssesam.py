@@ -6,7 +6,7 @@ The reference selects on the test set; here the final model is reported
 (eval.select_on='test' reproduces the reference's selection, knowingly).
 
   tfds build cifar100 --file_format=array_record
-  sse-sam-jax train --config experiments/configs/cifar100_lt_ssesam.py --workdir runs/c100_ssesam
+  sse-sam-jax train --config cifar100_lt_ssesam --workdir runs/c100_ssesam
 """
 
 from sse_sam_jax.train.config import default_config

@@ -2,7 +2,7 @@
 (GPU/TPU). Same common recipe as imagenet_lt.py, not one given in shared/method.md.
 
   tfds build i_naturalist2018 --file_format=array_record
-  sse-sam-jax train --config experiments/configs/inaturalist2018.py
+  sse-sam-jax train --config inaturalist2018
 """
 
 import pathlib
