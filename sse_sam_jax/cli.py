@@ -219,6 +219,8 @@ def _run(args):
     return 0
   print(result['table'])
   if args.command == 'train':
+    if result.get('throughput'):
+      print(result['throughput'])
     print(f"results: {pathlib.Path(args.workdir) / 'results.json'}")
   return 0
 

@@ -59,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
   # 'replicated' or 'fsdp': arrays of >= fsdp_min_elements split over the devices.
   c.parameter_sharding = 'replicated'
   c.fsdp_min_elements = 2 ** 14
+  # JAX's persistent compilation cache: 'workdir' (<workdir>/compilation_cache), a path,
+  # or '' (off). A rerun or resume then loads its compiled programs.
+  c.compilation_cache_dir = 'workdir'
   return c
 
 

@@ -77,19 +77,40 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
 # ----------------------------------------------------------------------------
 class MetricReport:
   """Every ``every`` steps (and at epoch ends): reads the pending metric sums from the
-  device (the loop's only host sync), stops on NaN/Inf, writes a log line."""
+  device (the loop's only host sync), stops on NaN/Inf, writes a log line with where
+  the time went since the last one: ``wall_s`` (since the loop started), ``step_s``
+  (seconds per step), ``examples_per_s`` and ``data_wait_frac`` (the share of the
+  loop's time spent waiting for the next batch and putting it on the devices)."""
 
-  def __init__(self, c, log: MetricLog, checkpoints: Checkpoints, workdir):
+  def __init__(self, c, log: MetricLog, checkpoints: Checkpoints, workdir, total_steps: int):
     self.every, self.log, self.checkpoints, self.workdir = c.log_every_steps, log, checkpoints, workdir
-    self.pending = []
+    self.total_steps = total_steps
+    self.pending, self.examples, self.data_s = [], 0, 0.0
+    self.start = self.last = time.perf_counter()
+    self.totals = {'examples': 0, 'data_wait_s': 0.0, 'steps': 0}
 
-  def add(self, metrics):
+  def add(self, metrics, examples: int, data_seconds: float):
     self.pending.append(metrics)
+    self.examples += examples
+    self.data_s += data_seconds
+
+  def pause(self, seconds: float):
+    """Time spent outside the steps (evaluation, checkpoints): not counted as step time."""
+    self.last += seconds
 
   def __call__(self, step: int, epoch: int, epoch_end: bool, bar) -> None:
     if len(self.pending) < self.every and not epoch_end:
       return
-    summed, self.pending = jax.device_get(self.pending), []
+    summed, steps = jax.device_get(self.pending), len(self.pending)
+    now = time.perf_counter()
+    interval = max(now - self.last, 1e-9)
+    timing = dict(wall_s=round(now - self.start, 3), step_s=interval / steps,
+                  examples_per_s=self.examples / interval,
+                  data_wait_frac=min(1.0, self.data_s / interval))
+    for key, value in (('examples', self.examples), ('data_wait_s', self.data_s),
+                       ('steps', steps)):
+      self.totals[key] += value
+    self.pending, self.examples, self.data_s, self.last = [], 0, 0.0, now
     if not all(bool(m['finite']) for m in summed):
       kept = self.checkpoints.latest_step()
       kept = (f'the last good checkpoint (step {kept}) is kept in {self.workdir}' if kept
@@ -100,8 +121,11 @@ class MetricReport:
     n = sum(int(m['count']) for m in summed)
     loss = sum(float(m['loss_sum']) for m in summed) / n
     accuracy = sum(int(m['correct']) for m in summed) / n
-    bar.set_postfix(loss=f'{loss:.4f}', acc=f'{100 * accuracy:.1f}')
-    self.log.write(step, train_loss=loss, train_accuracy=accuracy, epoch=epoch + 1)
+    eta = (self.total_steps - step) * timing['step_s']
+    bar.set_postfix(loss=f'{loss:.4f}', acc=f'{100 * accuracy:.1f}',
+                    ex_s=f"{timing['examples_per_s']:.0f}",
+                    eta=time.strftime('%H:%M:%S', time.gmtime(eta)))
+    self.log.write(step, train_loss=loss, train_accuracy=accuracy, epoch=epoch + 1, **timing)
 
 
 class Evaluation:
@@ -111,6 +135,7 @@ class Evaluation:
   def __init__(self, c, run: setup.Run, log: MetricLog):
     self.c, self.run, self.log = c, run, log
     self.predict = eval_lib.make_predict(run.model, c.eval.flip_tta)
+    self.seconds = 0.0
 
   def evaluate(self, state, split):
     return eval_lib.evaluate(self.predict, state.params, state.batch_stats, split,
@@ -120,6 +145,7 @@ class Evaluation:
   def __call__(self, step, epochs_done, last, state):
     if not (last or epochs_done % self.c.eval.every_epochs == 0):
       return {}, None
+    t0 = time.perf_counter()
     scalars = {}
     for name, split in (('val', self.run.data.val), ('test', self.run.data.test)):
       if split is not None:
@@ -128,7 +154,8 @@ class Evaluation:
     score = None
     if self.c.eval.select_on != 'none':  # balanced accuracy: the val split is long-tailed
       score = scalars.get(f'{self.c.eval.select_on}_balanced')
-    self.log.write(step, **scalars)
+    self.seconds += time.perf_counter() - t0
+    self.log.write(step, eval_seconds=round(time.perf_counter() - t0, 3), **scalars)
     return scalars, score
 
 
@@ -152,13 +179,16 @@ class Checkpointer:
 
   def __init__(self, c, checkpoints: Checkpoints, layout: dict):
     self.c, self.checkpoints, self.layout = c, checkpoints, layout
+    self.seconds = 0.0
 
   def __call__(self, step, epochs_done, last, state, data_state, scalars=None, score=None,
                force=False):
     if not (force or last or epochs_done % self.c.checkpoint.every_epochs == 0):
       return
+    t0 = time.perf_counter()
     meta = {'epoch': epochs_done, **self.layout, **{k: float(v) for k, v in (scalars or {}).items()}}
     self.checkpoints.save(step, state, data_state, meta, score)
+    self.seconds += time.perf_counter() - t0
 
 
 @contextlib.contextmanager
@@ -188,7 +218,7 @@ def _train(c, workdir: pathlib.Path, progress: bool, stop_after_steps: int | Non
       per_device_axis=run.scope.per_device_axis, microbatch=run.scope.microbatch)
   layout = dict(run.scope.layout(c, n_dev), model_signature=resume.model_signature(run.state))
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
-  log = None
+  log, batch_iter = None, None
   try:
     state, start_step = run.state, 0
     restored = resume.restore_newest_intact(checkpoints, state, c, n_dev)
@@ -203,6 +233,7 @@ def _train(c, workdir: pathlib.Path, progress: bool, stop_after_steps: int | Non
         process_count=jax.process_count()))
     if start_step:
       batch_iter.set_state({'next_index': start_step})
+    use_compilation_cache(c.compilation_cache_dir, workdir)
     compile_s = train_step.precompile(state, _batch_shapes(run))
     log = MetricLog(workdir)
     log.discard_after(start_step)
@@ -210,7 +241,7 @@ def _train(c, workdir: pathlib.Path, progress: bool, stop_after_steps: int | Non
           f'{run.stats.counts.min()}..{run.stats.counts.max()}, {spe} steps/epoch; '
           f'{c.optimizer.name}, {n_dev} device(s); {train_step.compiles} program(s) compiled '
           f'in {compile_s:.1f}s.')
-    report = MetricReport(c, log, checkpoints, workdir)
+    report = MetricReport(c, log, checkpoints, workdir, total_steps)
     evaluation = Evaluation(c, run, log)
     epoch_actions = (HessianProbe(c, run, log),)
     checkpointer = Checkpointer(c, checkpoints, layout)
@@ -224,8 +255,11 @@ def _train(c, workdir: pathlib.Path, progress: bool, stop_after_steps: int | Non
         bar = tqdm(total=spe, initial=step - epoch * spe, desc=f'epoch {epoch + 1}/{c.epochs}',
                    disable=not progress, leave=False)
         while step < epoch_end:
-          state, metrics = train_step(state, _device_batch(next(batch_iter), step, run), step)
-          report.add(metrics)
+          t0 = time.perf_counter()
+          batch = _device_batch(next(batch_iter), step, run)
+          data_s = time.perf_counter() - t0
+          state, metrics = train_step(state, batch, step)
+          report.add(metrics, batch['label'].shape[0], data_s)
           step += 1
           bar.update(1)
           report(step, epoch, step == epoch_end, bar)
@@ -240,18 +274,30 @@ def _train(c, workdir: pathlib.Path, progress: bool, stop_after_steps: int | Non
         if stop_after_steps is not None and step >= stop_after_steps:
           return {'stopped_at': step}
         epochs_done, last = step // spe, step >= total_steps
+        t0 = time.perf_counter()
         scalars, score = evaluation(step, epochs_done, last, state)
         for action in epoch_actions:
           action(step, epochs_done, last, state)
         checkpointer(step, epochs_done, last, state, batch_iter.get_state(), scalars, score)
+        report.pause(time.perf_counter() - t0)
     checkpoints.wait()
-    return _final_results(c, run, evaluation, state, workdir, total_steps,
-                          time.perf_counter() - t_start, train_step.compiles)
+    loop_s = time.perf_counter() - t_start
+    timing = {'compile_s': round(compile_s, 3), 'loop_s': round(loop_s, 3),
+              'eval_s': round(evaluation.seconds, 3),
+              'checkpoint_s': round(checkpointer.seconds, 3),
+              'data_wait_s': round(report.totals['data_wait_s'], 3),
+              'steps': report.totals['steps'], 'examples': report.totals['examples']}
+    step_s = loop_s - evaluation.seconds - checkpointer.seconds
+    timing['examples_per_s'] = round(report.totals['examples'] / max(step_s, 1e-9), 1)
+    return _final_results(c, run, evaluation, state, workdir, total_steps, loop_s,
+                          train_step.compiles, timing)
   finally:
     checkpoints.wait()
     checkpoints.close()
     if log is not None:
       log.close()
+    if batch_iter is not None and hasattr(batch_iter, 'close'):
+      batch_iter.close()  # grain's prefetch threads and worker processes
 
 
 def _batch_shapes(run: setup.Run) -> list:
@@ -272,9 +318,33 @@ def _device_batch(batch, step: int, run: setup.Run):
   return jax.device_put(host, run.batch_sharding)
 
 
-def _final_results(c, run, evaluation, state, workdir, total_steps, train_seconds, compiles):
+def use_compilation_cache(setting: str, workdir: pathlib.Path) -> None:
+  """JAX's persistent compilation cache: ``'workdir'`` (default) keeps it in
+  ``workdir/compilation_cache``, so a rerun or resume loads its programs instead of
+  compiling them; a path puts it there (share one across runs); ``''`` turns it off."""
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  path = None if not setting else (workdir / 'compilation_cache' if setting == 'workdir'
+                                   else pathlib.Path(setting))
+  if jax.config.jax_compilation_cache_dir != (str(path) if path else None):
+    compilation_cache.reset_cache()
+    jax.config.update('jax_compilation_cache_dir', str(path) if path else None)
+  if path is not None:
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+def throughput_line(timing: dict) -> str:
+  return (f"throughput: {timing['examples_per_s']:.0f} examples/s over {timing['steps']} steps; "
+          f"loop {timing['loop_s']:.1f}s (data wait {timing['data_wait_s']:.1f}s, eval "
+          f"{timing['eval_s']:.1f}s, checkpoints {timing['checkpoint_s']:.1f}s), compile "
+          f"{timing['compile_s']:.1f}s")
+
+
+def _final_results(c, run, evaluation, state, workdir, total_steps, train_seconds, compiles,
+                   timing):
   result = {'config': c.to_dict(), 'train_seconds': train_seconds, 'total_steps': total_steps,
-            'class_counts': run.stats.counts.tolist(), 'compiles': compiles}
+            'class_counts': run.stats.counts.tolist(), 'compiles': compiles, 'timing': timing,
+            'throughput': throughput_line(timing)}
   for name, split in (('val', run.data.val), ('test', run.data.test)):
     if split is not None:
       result[name] = evaluation.evaluate(state, split)
