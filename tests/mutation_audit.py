@@ -26,7 +26,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORE = ['tests/test_optim.py', 'tests/test_golden.py', 'tests/test_training_path.py',
         'tests/test_boundaries.py', 'tests/test_losses.py', 'tests/test_composition.py',
-        'tests/test_data.py', 'tests/test_analysis.py', 'sse_sam_jax/optim',
+        'tests/test_data.py', 'tests/test_analysis.py', 'tests/test_builders.py',
+        'tests/test_run_safety.py', 'sse_sam_jax/optim',
         'sse_sam_jax/losses.py', 'sse_sam_jax/data/profiles.py']
 
 O, T = 'sse_sam_jax/optim/', 'sse_sam_jax/train/'
@@ -100,15 +101,20 @@ MUTANTS = {
     'few_le': ('sse_sam_jax/data/stats.py', 'few = self.counts < self.few_below',
                'few = self.counts <= self.few_below'),
     # the trainer's builders
-    'wd_before_transform': (T + 'trainer.py', "  parts = [direction()] if direction else []\n",
-                            "  parts = [optax.add_decayed_weights(o.weight_decay)] + ([direction()] if direction else [])\n"),
-    'drw_by_step': (T + 'trainer.py', 'drw_step = int(l.drw_epoch) * steps_per_epoch',
+    'wd_before_transform': (T + 'setup.py', "  parts = [direction] if direction is not None else []\n",
+                            "  parts = [optax.add_decayed_weights(o.weight_decay)] + ([direction] if direction is not None else [])\n"),
+    'drw_by_step': (T + 'setup.py', 'drw_step = int(l.drw_epoch) * steps_per_epoch',
                     'drw_step = int(l.drw_epoch)'),
-    'imbsam_uses_rho': (T + 'trainer.py', "'imbsam': (lambda: ssj.imbsam(o.tail_rho, **group_kw), []),",
-                        "'imbsam': (lambda: ssj.imbsam(o.rho, **group_kw), []),"),
-    'sse_sam_no_boundary': (T + 'trainer.py', "(lambda: ssj.sse_sam(o.head_rho, o.tail_rho, switch, **group_kw), [switch]),",
-                            "(lambda: ssj.sse_sam(o.head_rho, o.tail_rho, switch, **group_kw), []),"),
-    'momentum_ignored': (T + 'trainer.py', 'optax.sgd(lr, momentum=o.momentum)', 'optax.sgd(lr)'),
+    'imbsam_uses_rho': (T + 'setup.py', "'imbsam': lambda: ssj.imbsam(o.tail_rho, **group_kw),",
+                        "'imbsam': lambda: ssj.imbsam(o.rho, **group_kw),"),
+    'sse_sam_no_boundary': (T + 'setup.py', "boundaries = list(ssj.stage_boundaries(direction)) if direction is not None else []",
+                            "boundaries = []"),
+    'momentum_ignored': (T + 'setup.py', 'optax.sgd(lr, momentum=o.momentum, nesterov=', 'optax.sgd(lr, nesterov='),
+    'nesterov_ignored': (T + 'setup.py', "nesterov=o.base == 'nesterov')", "nesterov=False)"),
+    'clip_before_transform': (T + 'setup.py', "    parts.append(optax.clip_by_global_norm(o.clip_norm))\n", "    parts.insert(0, optax.clip_by_global_norm(o.clip_norm))\n"),
+    'warmup_off_for_cosine': (T + 'schedules.py', "  return with_warmup(base, lr, warmup_epochs, steps_per_epoch)", "  return base"),
+    'neutral_key_lr': (T + 'workdir.py', "NEUTRAL_KEYS = ('eval.',", "NEUTRAL_KEYS = ('optimizer.lr', 'eval.',"),
+    'damaged_not_set_aside': (T + 'resume.py', "      _damaged(checkpoints, step, e)\n      continue\n    return state, data_state, meta", "      raise\n    return state, data_state, meta"),
     # train/step.py
     'bn_stats_not_updated': (T + 'step.py', 'TrainState(step=state.step + 1, params=params, batch_stats=new_stats,',
                              'TrainState(step=state.step + 1, params=params, batch_stats=state.batch_stats,'),
