@@ -58,7 +58,7 @@ def test_class_stats_groups_and_errors():
 
 
 def test_split_validates_labels():
-  with pytest.raises(ValueError, match='labels must lie'):
+  with pytest.raises(ValueError, match='labels must be >= 0; found -1'):
     data.Split(np.zeros((3, 2)), np.array([0, 1, 5]), 3, 'x')
   with pytest.raises(ValueError, match='empty'):
     data.Split(np.zeros((0, 2)), np.array([], np.int64), 3, 'x')
@@ -133,7 +133,7 @@ def test_npz_bring_your_own(tmp_path):
   with pytest.raises(FileNotFoundError, match='does not exist'):
     sources.npz_long_tail(tmp_path / 'missing.npz')
   np.savez(tmp_path / 'bad.npz', x=np.zeros((4, 2)), y=np.array([0, 1, -1, 2]))
-  with pytest.raises(ValueError, match='labels must lie'):
+  with pytest.raises(ValueError, match='labels must be >= 0; found -1'):
     sources.npz_long_tail(tmp_path / 'bad.npz', num_classes=3)
 
 

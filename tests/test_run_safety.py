@@ -256,7 +256,8 @@ def test_nan_stop_without_a_checkpoint_says_so(npz, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(npz, tmp_path):
   """A real SIGTERM mid-epoch (a preempted VM): the run checkpoints the current step and
   exits 143; rerunning the same command ends with the uninterrupted run's results."""
-  args = [*npz_args(npz), 'epochs=6', 'log_every_steps=1', 'checkpoint.every_epochs=3']
+  args = [*npz_args(npz), 'epochs=6', 'log_every_steps=1', 'checkpoint.every_epochs=3',
+          f'compilation_cache_dir={tmp_path / "xla_cache"}']  # the 3 runs compile once
   cmd = [sys.executable, '-m', 'sse_sam_jax.cli', 'train', '--no-progress']
   full = subprocess.run([*cmd, '--workdir', str(tmp_path / 'full'), *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=600)

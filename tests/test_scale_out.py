@@ -255,7 +255,8 @@ def test_resume_that_would_change_the_perturbation_is_refused(tmp_path):
   assert 'per-device perturbations on 8 devices (m = 4' in r['error']
   assert "perturbation_scope='microbatch'" in r['error']
   r = train_in_steps(tmp_path, 'scope', 8, 8, per_device, {})
-  assert "perturbation_scope='per_device'" in r['error']
+  # another scope is another experiment: refused before anything is read
+  assert "perturbation_scope: 'per_device' -> 'global'" in r['error'] and '--restart' in r['error']
   # fixed microbatches do not depend on the device count: resuming on 4 is allowed
   micro = {'perturbation_scope': 'microbatch', 'perturbation_microbatch': 2}
   assert 'params' in train_in_steps(tmp_path, 'micro', 8, 4, micro)

@@ -115,17 +115,19 @@ def lanczos(hvp: Hvp, dim: int, num_iters: int, key, dtype=jnp.float32):
   basis = [v]
   alphas, betas = [], []
   reorth = jax.jit(lambda w, V: w - V.T @ (V @ w))
+  # The basis so far, zero-padded to a fixed shape: one compiled reorthogonalisation.
+  V = jnp.zeros((num_iters, dim), dtype).at[0].set(v)
   for j in range(num_iters):
     w = hvp(basis[-1])
     alpha = jnp.dot(w, basis[-1])
     alphas.append(float(alpha))
-    V = jnp.stack(basis)
     w = reorth(reorth(w, V), V)  # twice is enough (Kahan-Parlett)
     beta = float(jnp.linalg.norm(w))
     if j == num_iters - 1 or beta < 1e-10 * max(1.0, abs(alphas[-1])):
       break
     betas.append(beta)
     basis.append(w / beta)
+    V = V.at[j + 1].set(basis[-1])
   return np.asarray(alphas), np.asarray(betas), jnp.stack(basis[:len(alphas)])
 
 

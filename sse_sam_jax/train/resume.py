@@ -15,7 +15,7 @@ import pathlib
 import sys
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 from sse_sam_jax.train import setup
 from sse_sam_jax.train.checkpointing import Checkpoints
@@ -81,7 +81,7 @@ def restore_newest_intact(checkpoints, abstract_state, c, n_dev: int):
       if int(data_state['next_index']) != int(state.step) or int(state.step) != step:
         raise ValueError(f"its step {int(state.step)}, data position "
                          f"{data_state['next_index']} and folder {step} disagree")
-      if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params)):
+      if not bool(_all_finite(state.params)):  # on device: sharded multi-host state too
         raise ValueError('non-finite parameters')
     except Exception as e:  # pylint: disable=broad-except
       _damaged(checkpoints, step, e)
@@ -90,7 +90,15 @@ def restore_newest_intact(checkpoints, abstract_state, c, n_dev: int):
   return None
 
 
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _damaged(checkpoints, step: int, error: Exception) -> None:
+  if jax.process_index() != 0:  # multi-host: the first host moves it, the others skip it
+    print(f'checkpoint step {step} is damaged; skipping it.', file=sys.stderr, flush=True)
+    return
   target = checkpoints.set_aside(step)
   reason = ' '.join(f'{type(error).__name__}: {error}'.split())[:160]
   print(f'checkpoint step {step} is damaged ({reason}); moved to {target}, trying an older '

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-import sse_sam_jax.optim as ssj
+import sse_sam_jax as ssj
 from sse_sam_jax import data as data_lib
 from sse_sam_jax import losses as losses_lib
 from sse_sam_jax import models

@@ -61,7 +61,9 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   """
   config_lib.validate(c)
   workdir = pathlib.Path(workdir)
-  lock = workdir_lib.claim(workdir, c.to_dict(), restart=restart)
+  # Multi-host: the first host claims the (shared) workdir for all of them.
+  lock = workdir_lib.claim(workdir, c.to_dict(), restart=restart) \
+      if jax.process_index() == 0 else None
   try:
     finished = resume.finished_result(workdir)
     if finished is not None:
@@ -69,7 +71,8 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
       return finished
     return _train(c, workdir, progress, stop_after_steps)
   finally:
-    lock.release()
+    if lock is not None:
+      lock.release()
 
 
 # ----------------------------------------------------------------------------
@@ -329,6 +332,7 @@ def use_compilation_cache(setting: str, workdir: pathlib.Path) -> None:
     compilation_cache.reset_cache()
     jax.config.update('jax_compilation_cache_dir', str(path) if path else None)
   if path is not None:
+    path.mkdir(parents=True, exist_ok=True)  # (again, after a --restart moved it)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
