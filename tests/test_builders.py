@@ -10,6 +10,7 @@ import pytest
 import sse_sam_jax as ssj
 from sse_sam_jax.train import config as config_lib
 from sse_sam_jax.train import schedules, trainer
+from tests.test_trainer import set_keys
 
 SPE = 10
 
@@ -17,12 +18,7 @@ SPE = 10
 def config(**overrides):
   c = config_lib.default_config()
   c.epochs = 20
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c = set_keys(c, **overrides)
   config_lib.validate(c)
   return c
 

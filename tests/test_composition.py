@@ -8,6 +8,7 @@ runtime radii (``optax.inject_hyperparams``), perturbing a subset of the paramet
 """
 
 import functools
+import re
 
 import chex
 import jax
@@ -19,19 +20,10 @@ from jax.flatten_util import ravel_pytree
 
 import sse_sam_jax as ssj
 from tests import golden_cases
+from tests.test_optim import HID, IN, init_params  # the same tiny MLP
 
-B, IN, HID, C = 16, 5, 7, 4
+B, C = 16, 4
 TAIL = ssj.tail_classes([400, 120, 30, 8], 50)  # classes 2 and 3 are tail
-
-
-def init_params(seed=0, dtype=jnp.float32):
-  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-  return {
-      'w1': (jax.random.normal(k1, (IN, HID)) * 0.5).astype(dtype),
-      'b1': (jax.random.normal(k2, (HID,)) * 0.1).astype(dtype),
-      'w2': (jax.random.normal(k3, (HID, C)) * 0.5).astype(dtype),
-      'b2': jnp.zeros((C,), dtype),
-  }
 
 
 def make_batch(seed, dtype=jnp.float32):
@@ -138,6 +130,8 @@ def test_microbatched_saves_memory():
     return compiled.memory_analysis().temp_size_in_bytes
 
   full, micro = temp_bytes(1), temp_bytes(8)
+  if full == 0:
+    pytest.skip(f'jax {jax.__version__} reports no memory analysis on this backend')
   assert micro < 0.5 * full, (full, micro)
 
 
@@ -148,9 +142,13 @@ def test_multisteps_around_a_transform_is_refused(method):
   tx = optax.MultiSteps(optax.chain(METHODS[method](), optax.sgd(0.1)), every_k_schedule=2)
   state = tx.init(params)
   loss_fn = lambda p: per_example_loss(p, (x, y))
-  with pytest.raises(TypeError, match=r'MultiSteps.*ssj\.microbatched'):
+  with pytest.raises(TypeError) as error:
     jax.jit(lambda p, s: tx.update(mean_grad(loss_fn, p), s, p, loss_fn=loss_fn,
                                    labels=y))(params, state)
+  # (optax < 0.2.5 fails earlier, in MultiSteps itself, on any callable extra argument:
+  # loud as well)
+  assert re.search(r'MultiSteps.*ssj\.microbatched', str(error.value)) or (
+      'abstract array' in str(error.value) and optax.__version__ < '0.2.5'), error.value
 
 
 # ---------------------------------------------------------------- runtime radii
@@ -260,8 +258,9 @@ def test_masked_and_partition_are_refused_with_the_native_mask(wrap):
   labels = {k: 'sam' if k.startswith('w') else 'sgd' for k in params}
   if wrap == 'masked':
     tx = optax.masked(ssj.sam(0.1), {k: v == 'sam' for k, v in labels.items()})
-  else:
-    tx = optax.partition({'sam': ssj.sam(0.1), 'sgd': optax.sgd(0.1)}, labels)
+  else:  # optax.partition; optax.multi_transform before optax 0.2.5
+    partition = getattr(optax, 'partition', None) or optax.multi_transform
+    tx = partition({'sam': ssj.sam(0.1), 'sgd': optax.sgd(0.1)}, labels)
   with pytest.raises(TypeError, match=r'optax\.masked / optax\.partition.*mask='):
     tx.update(mean_grad(loss_fn, params), tx.init(params), params, loss_fn=loss_fn)
 

@@ -40,6 +40,11 @@ def small_config(npz, **overrides):
   c.eval.every_epochs = 1
   c.checkpoint.every_epochs = 1
   c.log_every_steps = 3
+  return set_keys(c, **overrides)
+
+
+def set_keys(c, **overrides):
+  """``c`` with dotted keys set: ``set_keys(c, **{'optimizer.lr': 0.1})``."""
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split('.')
