@@ -32,7 +32,8 @@ def test_log_lines_and_results_say_where_the_time_went(tmp_path):
 
 def test_a_resumed_run_loads_its_programs_from_the_compilation_cache(tmp_path):
   npz = make_npz(tmp_path / 'blobs.npz')
-  c = small_config(npz, **{'epochs': 3, 'optimizer.name': 'sse_sam', 'optimizer.gamma': 0.5})
+  c = small_config(npz, **{'epochs': 3, 'optimizer.name': 'sse_sam', 'optimizer.gamma': 0.5,
+                           'compilation_cache_dir': 'workdir'})
   trainer.train(c, tmp_path / 'run', progress=False, stop_after_steps=10)
   cache = tmp_path / 'run' / 'compilation_cache'
   entries = sorted(p.name for p in cache.iterdir())
@@ -40,8 +41,11 @@ def test_a_resumed_run_loads_its_programs_from_the_compilation_cache(tmp_path):
   assert sum(e.startswith('jit_train_step-') for e in entries) == 4, entries
   result = trainer.train(c, tmp_path / 'run', progress=False)
   assert result['compiles'] == 4
-  # the resume compiled nothing new: every program came from the cache
-  assert sorted(p.name for p in cache.iterdir()) == entries
+  # the resume compiled no new train step: every program came from the cache (a resume
+  # also runs a small integrity check of the restored parameters)
+  again = sorted(p.name for p in cache.iterdir())
+  assert [e for e in again if e.startswith('jit_train_step-')] == [
+      e for e in entries if e.startswith('jit_train_step-')]
   off = small_config(npz, **{'epochs': 1, 'compilation_cache_dir': ''})
   trainer.train(off, tmp_path / 'off', progress=False)
   assert not (tmp_path / 'off' / 'compilation_cache').exists()

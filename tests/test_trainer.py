@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import chex
 import jax
@@ -15,6 +16,9 @@ from sse_sam_jax.train import config as config_lib
 from sse_sam_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).parents[1]
+# One persistent compilation cache per test process: the many small runs of the suite
+# compile the same programs (tests of the per-workdir default set it themselves).
+TEST_CACHE = tempfile.mkdtemp(prefix='sse_sam_jax_xla_cache_')
 
 
 def make_npz(path, n_per_class=160, classes=4, dim=12, seed=0):
@@ -40,6 +44,7 @@ def small_config(npz, **overrides):
   c.eval.every_epochs = 1
   c.checkpoint.every_epochs = 1
   c.log_every_steps = 3
+  c.compilation_cache_dir = TEST_CACHE
   return set_keys(c, **overrides)
 
 
