@@ -131,6 +131,24 @@ MUTANTS = {
 }
 
 
+# The test files that guard each file (a mutant runs these with -x; CORE when not listed).
+GUARDS = {
+    'sse_sam_jax/losses.py': ['tests/test_losses.py', 'tests/test_training_path.py',
+                              'sse_sam_jax/losses.py'],
+    'sse_sam_jax/data/profiles.py': ['tests/test_data.py', 'tests/test_boundaries.py',
+                                     'sse_sam_jax/data/profiles.py'],
+    'sse_sam_jax/data/stats.py': ['tests/test_data.py', 'tests/test_boundaries.py',
+                                  'tests/test_trainer.py'],
+    T + 'setup.py': ['tests/test_training_path.py', 'tests/test_builders.py',
+                     'tests/test_trainer.py'],
+    T + 'schedules.py': ['tests/test_builders.py', 'tests/test_trainer.py'],
+    T + 'step.py': ['tests/test_training_path.py', 'tests/test_trainer.py'],
+    T + 'workdir.py': ['tests/test_run_safety.py'],
+    T + 'resume.py': ['tests/test_run_safety.py'],
+    'sse_sam_jax/analysis/hessian.py': ['tests/test_analysis.py'],
+}
+
+
 def run_mutant(name, timeout):
   file, original, mutant = MUTANTS[name]
   path = ROOT / file
@@ -141,7 +159,8 @@ def run_mutant(name, timeout):
   t0 = time.perf_counter()
   try:
     proc = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-n', '2',
-                           '-p', 'no:cacheprovider', *CORE], cwd=ROOT, capture_output=True,
+                           '-p', 'no:cacheprovider', *GUARDS.get(file, CORE)], cwd=ROOT,
+                          capture_output=True,
                           text=True, timeout=timeout,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     failed = [l for l in proc.stdout.splitlines() if l.startswith('FAILED')]

@@ -253,6 +253,7 @@ def test_nan_stop_without_a_checkpoint_says_so(npz, tmp_path):
 
 
 # ------------------------------------------------------------------ preemption
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(npz, tmp_path):
   """A real SIGTERM mid-epoch (a preempted VM): the run checkpoints the current step and
   exits 143; rerunning the same command ends with the uninterrupted run's results."""

@@ -89,6 +89,7 @@ print(json.dumps(out))
 '''
 
 
+@pytest.mark.slow
 def test_per_device_perturbation_matches_per_shard_reference():
   diffs = run_with_devices(PER_DEVICE)
   assert set(diffs) == {'sam', 'imbsam', 'sse_sam'}
@@ -176,6 +177,7 @@ print(json.dumps(out))
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['sam', 'imbsam', 'sse_sam'])
 def test_layouts_agree_in_float64(method):
   """Global mode on 8 devices == 1 device, FSDP == replicated, and microbatches of m
@@ -231,6 +233,7 @@ def train_in_steps(tmp_path, name, save_devices, resume_devices, save_overrides,
                                      else resume_overrides), devices=resume_devices)
 
 
+@pytest.mark.slow
 def test_save_on_8_devices_resume_on_4_and_1_replicated_and_fsdp(tmp_path):
   (tmp_path / 'full').mkdir()
   full = run_with_devices(RESHARD, tmp_path / 'full', 'run', 8, 0, '{}')
@@ -249,6 +252,7 @@ def test_save_on_8_devices_resume_on_4_and_1_replicated_and_fsdp(tmp_path):
   assert resumed['fsdp 8 -> fsdp 4']['bytes_per_device'] < full['bytes_per_device'] / 2
 
 
+@pytest.mark.slow
 def test_resume_that_would_change_the_perturbation_is_refused(tmp_path):
   per_device = {'perturbation_scope': 'per_device'}
   r = train_in_steps(tmp_path, 'pd', 8, 4, per_device)
@@ -306,6 +310,7 @@ def run_two_hosts(workdir, phase, timeout=600):
   return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
 
 
+@pytest.mark.slow
 def test_two_processes_fsdp_killed_and_resumed_match_one_process(tmp_path):
   """2 hosts x 4 CPU devices (jax.distributed, gloo collectives), FSDP state, stopped
   after step 17 and resumed: the same parameters as one 8-device process run through."""

@@ -212,6 +212,7 @@ print(json.dumps(out))
 '''
 
 
+@pytest.mark.slow
 def test_eight_fake_devices_match_one_device(npz, tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
   out = subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT, str(npz), str(tmp_path),
