@@ -33,9 +33,11 @@ def config_for(meta):
   o.name = METHOD_TO_OPTIMIZER[meta['method']]
   o.normalization = 'group' if meta['method'] == 'imbsam_group' else 'batch'
   o.tail_weight = float(meta.get('tail_weight', 1.0))
-  o.rho = float(meta.get('rho', 0.0))
+  # each method reads its own radius keys: the others are set to 0 so that a builder
+  # reading the wrong key cannot pass
+  o.rho = float(meta['rho']) if meta['method'] == 'sam' else 0.0
   o.head_rho = float(meta.get('head_rho', 0.0))
-  o.tail_rho = float(meta.get('tail_rho', meta.get('rho', 0.0)))
+  o.tail_rho = float(meta.get('tail_rho', meta.get('rho', 0.0))) if meta['method'] != 'sam' else 0.0
   o.gamma = float(meta.get('gamma', 1.0))
   o.eta = float(meta['eta'])
   o.lr, o.schedule = meta['lr'], 'constant'
