@@ -113,3 +113,8 @@ def test_tail_rho_schedule_follows_the_global_step_across_the_switch():
   fresh = ssj.imbsam(float(schedule(3)), tail_classes=tail)
   want, _ = fresh.update(params, fresh.init(params), params, loss_fn=loss_fn, labels=y)
   assert not np.allclose(other['w'], want['w'], rtol=1e-4)
+
+
+def test_step_profile_splits_an_odd_class_count_with_the_extra_class_in_the_tail():
+  assert profiles.long_tail_counts(100, 5, 10, 'step') == [100, 100, 10, 10, 10]
+  assert profiles.long_tail_counts(100, 4, 10, 'step') == [100, 100, 10, 10]
