@@ -2,7 +2,6 @@
 ends a run, and every user error is one line (exit status 2, no traceback)."""
 
 import json
-import os
 import pathlib
 import shutil
 import signal

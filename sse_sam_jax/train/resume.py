@@ -105,21 +105,23 @@ def _damaged(checkpoints, step: int, error: Exception) -> None:
         'one.', file=sys.stderr, flush=True)
 
 
-def has_checkpoint(workdir) -> bool:
-  """Whether ``workdir`` holds a checkpoint; reads the folder only (creates nothing)."""
+def checkpoint_steps(workdir) -> list[int]:
+  """The steps of ``workdir``'s checkpoints; reads the folder only (creates nothing)."""
   last = pathlib.Path(workdir) / 'checkpoints' / 'last'
-  return last.is_dir() and any(p.name.isdigit() for p in last.iterdir())
+  return [int(p.name) for p in last.iterdir() if p.name.isdigit()] if last.is_dir() else []
+
+
+def has_checkpoint(workdir) -> bool:
+  return bool(checkpoint_steps(workdir))
 
 
 def finished_result(workdir: pathlib.Path) -> dict | None:
   """The saved results of a finished run in ``workdir`` (its config was checked), or ``None``."""
-  path = workdir / 'results.json'
-  if not path.exists() or not has_checkpoint(workdir):
+  path, steps = workdir / 'results.json', checkpoint_steps(workdir)
+  if not path.exists() or not steps:
     return None
   result = json.loads(path.read_text())
-  last = pathlib.Path(workdir) / 'checkpoints' / 'last'
-  newest = max(int(p.name) for p in last.iterdir() if p.name.isdigit())
-  if result.get('total_steps') != newest:
+  if result.get('total_steps') != max(steps):
     return None
   return dict(result, already_finished=True)
 
