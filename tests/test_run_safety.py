@@ -113,9 +113,9 @@ def _largest_file(folder: pathlib.Path) -> pathlib.Path:
 
 def _damage(step_dir: pathlib.Path, kind: str):
   state = step_dir / 'state'
-  if kind == 'truncated':
-    f = _largest_file(state)
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  if kind == 'truncated':  # every file of the state cut in half (the largest alone may go unread)
+    for f in [p for p in state.rglob('*') if p.is_file()]:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
   elif kind == 'data_deleted':
     for p in list(state.rglob('*')):
       if p.is_file() and p.parent.name == 'd':
