@@ -67,7 +67,8 @@ def npz(tmp_path_factory):
 @pytest.mark.parametrize('optimizer', ['sgd', 'sam', 'imbsam', 'group_sam', 'sse_sam',
                                        'sam_then_imbsam'])
 def test_end_to_end_each_optimizer(npz, tmp_path, optimizer):
-  c = small_config(npz, **{'optimizer.name': optimizer})
+  # gamma 0.5: the switch at epoch 2 of 3, so the two-stage methods run both stages
+  c = small_config(npz, **{'optimizer.name': optimizer, 'optimizer.gamma': 0.5})
   result = trainer.train(c, tmp_path, progress=False)
   test = result['test']
   assert test['all'] > 0.5  # separable blobs: it learns

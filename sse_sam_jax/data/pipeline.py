@@ -36,6 +36,10 @@ class BatchSpec:
       raise ValueError(f'{n} examples make no full batch of {self.batch_size}.')
     return n // self.batch_size if self.drop_remainder else math.ceil(n / self.batch_size)
 
+  def full_batches(self, n: int) -> int:
+    """The number of full batches in an epoch of ``n`` examples."""
+    return n // self.batch_size
+
   def batch_sizes(self, n: int) -> list[int]:
     """The distinct batch sizes of an epoch (a full one and maybe the remainder)."""
     sizes = [self.batch_size]

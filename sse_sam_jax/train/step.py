@@ -150,6 +150,12 @@ class CompiledTrainStep:
   :mod:`sse_sam_jax.train.sharding`) places the state, replicated or FSDP-style;
   ``per_device_axis`` runs the step per device (:func:`per_device`) and
   ``microbatch`` per run of that many examples (:func:`per_microbatch`).
+
+  Several steps per dispatch: a batch whose arrays carry a leading axis of ``n``
+  (labels ``[n, B]``) runs ``n`` consecutive steps in one program
+  (:func:`scan_steps`), all in the stage of the first; its metrics are the sums
+  over the ``n`` steps. For small models, whose steps are shorter than the
+  host's work per dispatch, this keeps the accelerator busy.
   """
 
   def __init__(self, model, tx, loss: PerExampleLoss, class_groups=None, *,
@@ -157,10 +163,11 @@ class CompiledTrainStep:
                per_device_axis: str | None = None, microbatch: int | None = None):
     self.boundaries = tuple(int(b) for b in boundaries)
     self.num_stages = len(self.boundaries) + 1
-    kwargs = {}
+    self.batch_sharding = batch_sharding
+    self._kwargs = {}
     if state_sharding is not None:
-      kwargs = dict(in_shardings=(state_sharding, batch_sharding),
-                    out_shardings=(state_sharding, None))
+      self._kwargs = dict(in_shardings=(state_sharding, batch_sharding),
+                          out_shardings=(state_sharding, None))
 
     def program(stage):
       fn = functools.partial(train_step, model=model, tx=tx, loss=loss,
@@ -170,33 +177,73 @@ class CompiledTrainStep:
         fn = per_microbatch(fn, microbatch)
       if per_device_axis is not None:
         fn = per_device(fn, batch_sharding.mesh, per_device_axis)
-      return jax.jit(fn, donate_argnums=(0,), **kwargs)
+      return fn
 
-    self._jitted = [program(i) for i in range(self.num_stages)]
+    self._step_fns = [program(i) for i in range(self.num_stages)]
     self._executables = {}
     self.compiles = 0
 
   def stage_at(self, step: int) -> int:
     return optim_stage_at(step, self.boundaries)
 
+  def _jit(self, stage: int, steps: int):
+    fn, kwargs = self._step_fns[stage], dict(self._kwargs)
+    if steps > 1:
+      fn = scan_steps(fn)
+      if kwargs:
+        kwargs['in_shardings'] = (kwargs['in_shardings'][0], stacked(self.batch_sharding))
+    return jax.jit(fn, donate_argnums=(0,), **kwargs)
+
   def _executable(self, stage: int, state, batch):
+    steps = batch['label'].shape[0] if batch['label'].ndim == 2 else 1
     key = (stage, tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())))
     if key not in self._executables:
-      self._executables[key] = self._jitted[stage].lower(state, batch).compile()
+      self._executables[key] = self._jit(stage, steps).lower(state, batch).compile()
       self.compiles += 1
     return self._executables[key]
 
-  def precompile(self, state, batch_shapes) -> float:
-    """Compiles every stage for every batch shape; returns the seconds it took."""
+  def precompile(self, state, batch_shapes=(), *, programs=()) -> float:
+    """Compiles every stage for every batch shape of ``batch_shapes``, and the
+    ``(stage, batch shape)`` pairs of ``programs``; returns the seconds it took."""
     t0 = time.perf_counter()
     state_spec = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
         state)
-    for batch in batch_shapes:
-      for stage in range(self.num_stages):
-        self._executable(stage, state_spec, batch)
+    pairs = [(stage, b) for b in batch_shapes for stage in range(self.num_stages)]
+    for stage, batch in pairs + list(programs):
+      self._executable(stage, state_spec, batch)
     return time.perf_counter() - t0
 
   def __call__(self, state: TrainState, batch: dict, step: int):
-    """Runs step number ``step`` (a host int: the count of steps done before it)."""
-    return self._executable(self.stage_at(step), state, batch)(state, batch)
+    """Runs step number ``step`` (a host int: the count of steps done before it), or the
+    ``n`` steps from ``step`` on for a batch of ``n`` stacked batches."""
+    stage = self.stage_at(step)
+    if batch['label'].ndim == 2 and self.stage_at(step + batch['label'].shape[0] - 1) != stage:
+      raise ValueError(f'the {batch["label"].shape[0]} steps from step {step} cross a stage '
+                       f'boundary ({self.boundaries}); split the dispatch there.')
+    return self._executable(stage, state, batch)(state, batch)
+
+
+def scan_steps(step_fn):
+  """``step_fn`` over stacked batches (``lax.scan``): ``n`` steps in one program, the
+  metric sums added over them (``finite`` only if every step was).
+
+  On XLA:CPU the loop is unrolled: a rolled loop's body ran ~10x slower there (the
+  1D CNN of the main job: 1.2k against 11k examples/s); GPUs and TPUs run it rolled,
+  so its compile time does not grow with ``n``.
+  """
+
+  def train_steps(state, batches):
+    unroll = jax.default_backend() == 'cpu'
+    state, metrics = jax.lax.scan(step_fn, state, batches, unroll=unroll)
+    return state, _sum_metrics(metrics, lambda a: jnp.sum(a, axis=0))
+
+  return train_steps
+
+
+def stacked(sharding):
+  """The sharding of ``n`` stacked batches: the batch's sharding behind a leading axis."""
+  if sharding is None:
+    return None
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  return NamedSharding(sharding.mesh, P(None, *sharding.spec))

@@ -34,6 +34,7 @@ from sse_sam_jax.train import setup
 from sse_sam_jax.train import workdir as workdir_lib
 from sse_sam_jax.train.checkpointing import Checkpoints
 from sse_sam_jax.train.run_log import MetricLog, plot_per_class
+from sse_sam_jax.train import step as step_lib
 from sse_sam_jax.train.step import CompiledTrainStep
 
 # The builders and commands, as ``trainer.<name>`` for callers of the one-module trainer.
@@ -88,12 +89,13 @@ class MetricReport:
   def __init__(self, c, log: MetricLog, checkpoints: Checkpoints, workdir, total_steps: int):
     self.every, self.log, self.checkpoints, self.workdir = c.log_every_steps, log, checkpoints, workdir
     self.total_steps = total_steps
-    self.pending, self.examples, self.data_s = [], 0, 0.0
+    self.pending, self.steps, self.examples, self.data_s = [], 0, 0, 0.0
     self.start = self.last = time.perf_counter()
     self.totals = {'examples': 0, 'data_wait_s': 0.0, 'steps': 0}
 
-  def add(self, metrics, examples: int, data_seconds: float):
+  def add(self, metrics, examples: int, data_seconds: float, steps: int = 1):
     self.pending.append(metrics)
+    self.steps += steps
     self.examples += examples
     self.data_s += data_seconds
 
@@ -102,9 +104,9 @@ class MetricReport:
     self.last += seconds
 
   def __call__(self, step: int, epoch: int, epoch_end: bool, bar) -> None:
-    if len(self.pending) < self.every and not epoch_end:
+    if self.steps < self.every and not epoch_end:
       return
-    summed, steps = jax.device_get(self.pending), len(self.pending)
+    summed, steps = jax.device_get(self.pending), self.steps
     now = time.perf_counter()
     interval = max(now - self.last, 1e-9)
     timing = dict(wall_s=round(now - self.start, 3), step_s=interval / steps,
@@ -113,7 +115,7 @@ class MetricReport:
     for key, value in (('examples', self.examples), ('data_wait_s', self.data_s),
                        ('steps', steps)):
       self.totals[key] += value
-    self.pending, self.examples, self.data_s, self.last = [], 0, 0.0, now
+    self.pending, self.steps, self.examples, self.data_s, self.last = [], 0, 0, 0.0, now
     if not all(bool(m['finite']) for m in summed):
       kept = self.checkpoints.latest_step()
       kept = (f'the last good checkpoint (step {kept}) is kept in {self.workdir}' if kept
@@ -237,7 +239,10 @@ def _train(c, workdir: pathlib.Path, progress: bool, stop_after_steps: int | Non
     if start_step:
       batch_iter.set_state({'next_index': start_step})
     use_compilation_cache(c.compilation_cache_dir, workdir)
-    compile_s = train_step.precompile(state, _batch_shapes(run))
+    plan = DispatchPlan(c.steps_per_dispatch, spe, run.spec.full_batches(len(run.data.train)),
+                        run.boundaries)
+    compile_s = train_step.precompile(
+        state, programs=_programs(run, plan.dispatches(start_step, total_steps), train_step))
     log = MetricLog(workdir)
     log.discard_after(start_step)
     print(f'{c.data.name}: {len(run.data.train)} train examples, class counts '
@@ -258,13 +263,14 @@ def _train(c, workdir: pathlib.Path, progress: bool, stop_after_steps: int | Non
         bar = tqdm(total=spe, initial=step - epoch * spe, desc=f'epoch {epoch + 1}/{c.epochs}',
                    disable=not progress, leave=False)
         while step < epoch_end:
+          n = plan.steps_from(step, stop_after_steps)
           t0 = time.perf_counter()
-          batch = _device_batch(next(batch_iter), step, run)
+          batch = _device_batch([next(batch_iter) for _ in range(n)], step, run)
           data_s = time.perf_counter() - t0
           state, metrics = train_step(state, batch, step)
-          report.add(metrics, batch['label'].shape[0], data_s)
-          step += 1
-          bar.update(1)
+          report.add(metrics, batch['label'].size, data_s, steps=n)
+          step += n
+          bar.update(n)
           report(step, epoch, step == epoch_end, bar)
           if sigterm or (stop_after_steps is not None and step >= stop_after_steps):
             break
@@ -303,22 +309,69 @@ def _train(c, workdir: pathlib.Path, progress: bool, stop_after_steps: int | Non
       batch_iter.close()  # grain's prefetch threads and worker processes
 
 
-def _batch_shapes(run: setup.Run) -> list:
-  """Every batch shape of the run (full batches and the last partial one), sharded."""
-  example = tuple(run.data.train.x.shape[1:])
-  return [{'x': jax.ShapeDtypeStruct((b,) + example, np.float32, sharding=run.batch_sharding),
-           'label': jax.ShapeDtypeStruct((b,), np.int32, sharding=run.batch_sharding)}
-          for b in run.spec.batch_sizes(len(run.data.train))]
+class DispatchPlan:
+  """How many steps each dispatch runs: ``steps_per_dispatch`` (``k``) consecutive full
+  batches of one epoch and one stage in one program, counted from the epoch's start;
+  every other step (the epoch's remainder, its last partial batch, the steps up to
+  the next multiple of ``k`` after a resume) on its own. Decided from the step index
+  alone, so a resumed run dispatches the same steps together as an uninterrupted one."""
+
+  def __init__(self, steps_per_dispatch: int, steps_per_epoch: int, full_batches: int,
+               boundaries):
+    self.k, self.spe, self.full = int(steps_per_dispatch), steps_per_epoch, full_batches
+    self.boundaries = sorted(boundaries)
+
+  def steps_from(self, step: int, stop: int | None = None) -> int:
+    if self.k == 1:
+      return 1
+    into_epoch = step % self.spe
+    end = step - into_epoch + self.full  # the end of the epoch's full batches
+    end = min([end] + [b for b in self.boundaries if b > step] + ([stop] if stop else []))
+    return self.k if into_epoch % self.k == 0 and step + self.k <= end else 1
+
+  def dispatches(self, start: int, total: int) -> list:
+    """``(first step, steps)`` of every dispatch from ``start`` to ``total``."""
+    dispatches, step = [], start
+    while step < total:
+      n = self.steps_from(step)
+      dispatches.append((step, n))
+      step += n
+    return dispatches
 
 
-def _device_batch(batch, step: int, run: setup.Run):
-  """The host batch of ``step`` on the mesh (each host holds its rows of the global batch)."""
-  assert int(batch['step']) == step
-  host = {'x': batch['x'].astype(np.float32), 'label': batch['label'].astype(np.int32)}
+def _programs(run: setup.Run, dispatches, train_step: CompiledTrainStep) -> list:
+  """``(stage, batch shape)`` of every distinct program the dispatches need, sharded."""
+  example, n_train = tuple(run.data.train.x.shape[1:]), len(run.data.train)
+  sizes = run.spec.batch_sizes(n_train)
+  needed = set()
+  for step, n in dispatches:
+    last_of_epoch = (step + 1) % run.steps_per_epoch == 0
+    b = sizes[-1] if n == 1 and last_of_epoch else sizes[0]
+    needed.add((train_step.stage_at(step), n, b))
+  programs = []
+  for stage, n, b in sorted(needed):
+    lead = (n,) if n > 1 else ()
+    sharding = step_lib.stacked(run.batch_sharding) if n > 1 else run.batch_sharding
+    programs.append((stage, {
+        'x': jax.ShapeDtypeStruct(lead + (b,) + example, np.float32, sharding=sharding),
+        'label': jax.ShapeDtypeStruct(lead + (b,), np.int32, sharding=sharding)}))
+  return programs
+
+
+def _device_batch(batches: list, step: int, run: setup.Run):
+  """The host batches of the steps from ``step`` on the mesh (each host holds its rows
+  of the global batch); several are stacked along a leading axis."""
+  assert [int(b['step']) for b in batches] == list(range(step, step + len(batches)))
+  host = {'x': np.stack([b['x'] for b in batches]).astype(np.float32, copy=False),
+          'label': np.stack([b['label'] for b in batches]).astype(np.int32, copy=False)}
+  sharding = run.batch_sharding
+  if len(batches) == 1:
+    host = jax.tree.map(lambda a: a[0], host)
+  else:
+    sharding = step_lib.stacked(sharding)
   if jax.process_count() > 1:
-    return jax.tree.map(
-        lambda a: jax.make_array_from_process_local_data(run.batch_sharding, a), host)
-  return jax.device_put(host, run.batch_sharding)
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), host)
+  return jax.device_put(host, sharding)
 
 
 def use_compilation_cache(setting: str, workdir: pathlib.Path) -> None:
