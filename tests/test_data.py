@@ -146,6 +146,29 @@ def test_mnist1d_offline_benchmark_small():
   assert abs(float(lt.train.x.mean())) < 1e-4
 
 
+def test_mnist1d_generated_once_then_loaded_from_the_disk_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv('SSE_SAM_JAX_CACHE', str(tmp_path))
+  args = (1200, 3, 0.07)
+  sources._mnist1d_raw.cache_clear()
+  fresh = sources._mnist1d_raw(*args)
+  [cached] = list(tmp_path.glob('mnist1d-*-n1200-seed3-noise0.07.npz'))
+  sources._mnist1d_raw.cache_clear()
+  loaded = sources._mnist1d_raw(*args)
+  for k in sources.MNIST1D_KEYS:
+    np.testing.assert_array_equal(fresh[k], loaded[k])
+  # a damaged file (an interrupted copy) is generated again, the same
+  cached.write_bytes(cached.read_bytes()[:100])
+  sources._mnist1d_raw.cache_clear()
+  again = sources._mnist1d_raw(*args)
+  np.testing.assert_array_equal(fresh['x_test'], again['x_test'])
+  assert len(cached.read_bytes()) > 1000
+  # an unwritable cache costs the cache only
+  monkeypatch.setenv('SSE_SAM_JAX_CACHE', '/proc/no_such_dir')
+  sources._mnist1d_raw.cache_clear()
+  np.testing.assert_array_equal(fresh['y'], sources._mnist1d_raw(*args)['y'])
+  sources._mnist1d_raw.cache_clear()
+
+
 def _split(n=300, shape=(8, 8, 3)):
   rng = np.random.default_rng(0)
   return data.Split(rng.integers(0, 255, (n,) + shape).astype(np.uint8), rng.integers(0, 5, n),

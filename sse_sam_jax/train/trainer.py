@@ -80,16 +80,23 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
 # Periodic actions
 # ----------------------------------------------------------------------------
 class MetricReport:
-  """Every ``every`` steps (and at epoch ends): reads the pending metric sums from the
-  device (the loop's only host sync), stops on NaN/Inf, writes a log line with where
-  the time went since the last one: ``wall_s`` (since the loop started), ``step_s``
-  (seconds per step), ``examples_per_s`` and ``data_wait_frac`` (the share of the
-  loop's time spent waiting for the next batch and putting it on the devices)."""
+  """Every ``every`` steps (and at epoch ends): the metric sums of the interval, a NaN/Inf
+  stop, and a log line with where the time went: ``wall_s`` (since the loop started),
+  ``step_s`` (seconds per step), ``examples_per_s`` and ``data_wait_frac`` (the share of
+  the loop's time spent waiting for the next batch and putting it on the devices).
+
+  The loop never waits for the device inside an epoch: an interval's sums start
+  copying to the host when it closes and are read when the next one closes, so its
+  line (and its NaN check) comes one interval late. At an epoch's end every open
+  interval is read before anything else happens, so no evaluation or checkpoint
+  ever sees parameters that a NaN check has not passed.
+  """
 
   def __init__(self, c, log: MetricLog, checkpoints: Checkpoints, workdir, total_steps: int):
     self.every, self.log, self.checkpoints, self.workdir = c.log_every_steps, log, checkpoints, workdir
     self.total_steps = total_steps
     self.pending, self.steps, self.examples, self.data_s = [], 0, 0, 0.0
+    self.in_flight = None
     self.start = self.last = time.perf_counter()
     self.totals = {'examples': 0, 'data_wait_s': 0.0, 'steps': 0}
 
@@ -106,16 +113,33 @@ class MetricReport:
   def __call__(self, step: int, epoch: int, epoch_end: bool, bar) -> None:
     if self.steps < self.every and not epoch_end:
       return
-    summed, steps = jax.device_get(self.pending), self.steps
     now = time.perf_counter()
     interval = max(now - self.last, 1e-9)
-    timing = dict(wall_s=round(now - self.start, 3), step_s=interval / steps,
+    timing = dict(wall_s=round(now - self.start, 3), step_s=interval / self.steps,
                   examples_per_s=self.examples / interval,
                   data_wait_frac=min(1.0, self.data_s / interval))
     for key, value in (('examples', self.examples), ('data_wait_s', self.data_s),
-                       ('steps', steps)):
+                       ('steps', self.steps)):
       self.totals[key] += value
+    for metrics in self.pending:
+      for value in metrics.values():
+        value.copy_to_host_async()
+    closed = (step, epoch, timing, self.pending)
     self.pending, self.steps, self.examples, self.data_s, self.last = [], 0, 0, 0.0, now
+    previous, self.in_flight = self.in_flight, closed
+    if previous is not None:
+      self._write(*previous, bar)
+    if epoch_end:
+      self.flush(bar)
+
+  def flush(self, bar) -> None:
+    """Reads the interval still in flight (a host sync)."""
+    if self.in_flight is not None:
+      closed, self.in_flight = self.in_flight, None
+      self._write(*closed, bar)
+
+  def _write(self, step, epoch, timing, pending, bar):
+    summed = jax.device_get(pending)
     if not all(bool(m['finite']) for m in summed):
       kept = self.checkpoints.latest_step()
       kept = (f'the last good checkpoint (step {kept}) is kept in {self.workdir}' if kept
@@ -274,6 +298,8 @@ def _train(c, workdir: pathlib.Path, progress: bool, stop_after_steps: int | Non
           report(step, epoch, step == epoch_end, bar)
           if sigterm or (stop_after_steps is not None and step >= stop_after_steps):
             break
+        if step < epoch_end:  # stopped inside the epoch: its open intervals are read too
+          report(step, epoch, True, bar)
         bar.close()
         if sigterm:
           checkpointer(step, step // spe, False, state, batch_iter.get_state(), force=True)
