@@ -55,3 +55,68 @@ def test_several_steps_per_dispatch_train_the_same_and_resume_bit_identically(np
   # per stage: the 4-step chunk, the single full step, the partial batch
   assert one['compiles'] == 4 and four['compiles'] == 6
   assert four['timing']['steps'] == one['timing']['steps'] == 24
+
+
+# A run with grain worker processes, in a subprocess: CIFAR-shaped batches (1.5 MB, so
+# grain passes them through shared memory), 2 workers; argv: workdir, mode.
+RUN_WITH_WORKERS = r'''
+import sys, pathlib
+sys.path.insert(0, {root!r}); sys.path.insert(0, {root!r} + '/benchmarks')
+import loop_efficiency
+from sse_sam_jax.train import trainer
+from tests.test_trainer import small_config
+
+if __name__ == '__main__':
+  workdir, mode = pathlib.Path(sys.argv[1]), sys.argv[2]
+  npz = loop_efficiency.make_cifar_shaped_npz(workdir.parent / 'c.npz', 1280)
+  c = small_config(npz, **{{'data.num_workers': 2, 'data.imbalance_factor': 1.0,
+                           'data.batch_size': 128, 'optimizer.name': 'sgd', 'optimizer.eta': 100.0,
+                           'epochs': 60 if mode == 'interrupt' else 2, 'log_every_steps': 2,
+                           'optimizer.lr': 1e30 if mode == 'nan' else 0.05}})
+  try:
+    trainer.train(c, workdir, progress=False)
+  except trainer.NonFiniteLossError:
+    print('stopped on NaN')
+  print('done', flush=True)
+'''
+
+
+@pytest.mark.parametrize('mode', ['finish', 'nan', 'interrupt'])
+def test_no_worker_process_or_shared_memory_outlives_a_run(tmp_path, mode):
+  import pathlib
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  import psutil
+
+  root = str(pathlib.Path(__file__).parents[1])
+  script = tmp_path / 'run.py'
+  script.write_text(RUN_WITH_WORKERS.format(root=root))
+  workdir = tmp_path / 'run'
+  proc = subprocess.Popen([sys.executable, str(script), str(workdir), mode],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  workers, deadline = set(), time.time() + 240
+  while proc.poll() is None and time.time() < deadline:
+    try:
+      workers |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+      break
+    metrics = workdir / 'metrics.jsonl'
+    if mode == 'interrupt' and metrics.exists() and metrics.read_text().count('\n') >= 2:
+      proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle of training
+      break
+    time.sleep(0.05)
+  out, err = proc.communicate(timeout=240)
+  if mode == 'interrupt':
+    assert 'KeyboardInterrupt' in err and proc.returncode != 0
+  else:
+    assert proc.returncode == 0, err[-3000:]
+    assert ('stopped on NaN' in out) == (mode == 'nan')
+  assert workers, 'grain started no worker processes'
+  assert 'leaked shared_memory' not in err, err[-2000:]
+  time.sleep(0.5)
+  alive = [p for p in workers if psutil.pid_exists(p)
+           and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+  assert not alive, f'worker processes outlived the run: {alive}'
