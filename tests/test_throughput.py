@@ -5,13 +5,13 @@ import jax
 import numpy as np
 import pytest
 
-from sse_sam_jax.train import trainer
+from sse_sam_jax.train import dispatch, trainer
 from tests.test_trainer import make_npz, small_config
 
 
 def test_dispatch_plan_keeps_chunks_inside_an_epoch_and_a_stage():
   # 8 steps per epoch, 7 full batches (the 8th partial), a stage switch at step 20
-  plan = trainer.DispatchPlan(4, steps_per_epoch=8, full_batches=7, boundaries=[20])
+  plan = dispatch.DispatchPlan(4, steps_per_epoch=8, full_batches=7, boundaries=[20])
   dispatches = plan.dispatches(0, 32)
   assert sum(n for _, n in dispatches) == 32
   assert [s for s, n in dispatches if n > 1] == [0, 8, 16, 24]
@@ -25,7 +25,7 @@ def test_dispatch_plan_keeps_chunks_inside_an_epoch_and_a_stage():
   assert [n for _, n in plan.dispatches(10, 16)] == [1] * 6
   assert plan.dispatches(17, 28)[:8] == [(s, 1) for s in range(17, 24)] + [(24, 4)]
   assert plan.steps_from(0, stop=3) == 1  # a stop inside the chunk splits it
-  assert trainer.DispatchPlan(1, 8, 7, []).dispatches(0, 3) == [(0, 1), (1, 1), (2, 1)]
+  assert dispatch.DispatchPlan(1, 8, 7, []).dispatches(0, 3) == [(0, 1), (1, 1), (2, 1)]
 
 
 @pytest.fixture(scope='module')
@@ -63,7 +63,7 @@ RUN_WITH_WORKERS = r'''
 import sys, pathlib
 sys.path.insert(0, {root!r}); sys.path.insert(0, {root!r} + '/benchmarks')
 import loop_efficiency
-from sse_sam_jax.train import trainer
+from sse_sam_jax.train import dispatch, trainer
 from tests.test_trainer import small_config
 
 if __name__ == '__main__':

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sse_sam_jax.train import config as config_lib
-from sse_sam_jax.train import trainer
+from sse_sam_jax.train import commands, setup, trainer
 
 ROOT = pathlib.Path(__file__).parents[1]
 # One persistent compilation cache per test process: the many small runs of the suite
@@ -272,14 +272,14 @@ def test_hessian_callback_and_cli(npz, tmp_path):
   hess = [r for r in records if 'hessian_tail_lambda_max' in r]
   assert len(hess) == 2
   # the last record is the final model's: recomputed independently, the same numbers
-  run = trainer.prepare(c)
-  again = trainer.head_tail_extremes(run, result['state'],
-                                     trainer.hessian_subset(run.data.train, 200, 0),
+  run = setup.prepare(c)
+  again = commands.head_tail_extremes(run, result['state'],
+                                     commands.hessian_subset(run.data.train, 200, 0),
                                      c.optimizer.eta, 6, 0)
   for key, value in again.items():
     assert hess[-1][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
   assert hess[-1]['hessian_head_lambda_max'] > 0 and hess[-1]['hessian_tail_lambda_max'] > 0
-  out = trainer.hessian_of_checkpoint(c, tmp_path, groups='shots', lanczos_iters=8,
+  out = commands.hessian_of_checkpoint(c, tmp_path, groups='shots', lanczos_iters=8,
                                       trace_probes=3, max_examples=300)
   assert set(out['spectra']) <= {'many', 'medium', 'few'} and out['spectra']
   assert (tmp_path / 'hessian.json').exists() and (tmp_path / 'hessian_density.png').exists()
@@ -295,12 +295,12 @@ def test_checkpoint_of_another_config_is_a_clear_error(npz, tmp_path):
     trainer.train(small_config(npz, **{'optimizer.name': 'sse_sam', 'epochs': 2}), tmp_path,
                   progress=False)
   # evaluating reads the model alone: any optimizer's checkpoint of the same model fits
-  other = trainer.evaluate_checkpoint(
+  other = commands.evaluate_checkpoint(
       small_config(npz, **{'optimizer.name': 'sse_sam', 'perturbation_scope': 'per_device'}),
       tmp_path, which='last')
   assert other['test']['confusion'] == trained['test']['confusion']
   with pytest.raises(ValueError, match="does not fit model 'mlp' on 'npz'"):
-    trainer.evaluate_checkpoint(small_config(npz, **{'model.normed_classifier': True}), tmp_path)
+    commands.evaluate_checkpoint(small_config(npz, **{'model.normed_classifier': True}), tmp_path)
 
 
 def test_many_medium_few_on_a_crafted_confusion():

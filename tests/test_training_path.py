@@ -18,7 +18,7 @@ from flax import nnx
 from sse_sam_jax import data as data_lib
 from sse_sam_jax import models
 from sse_sam_jax.train import config as config_lib
-from sse_sam_jax.train import trainer
+from sse_sam_jax.train import setup
 from sse_sam_jax.train.step import CompiledTrainStep, init_state
 from tests import golden_cases
 
@@ -106,8 +106,8 @@ def replay(meta, arrays, c, steps=None):
   stats = data_lib.ClassStats(counts=np.asarray(meta['class_counts']))
   spe = meta['steps_per_epoch']
   model, params, batch_stats, to_golden = golden_model(meta, arrays)
-  tx, boundaries = trainer.build_optimizer(c, spe)
-  loss = trainer.build_loss(c, stats, spe)
+  tx, boundaries = setup.build_optimizer(c, spe)
+  loss = setup.build_loss(c, stats, spe)
   groups = None if c.optimizer.name in ('sgd', 'sam') else stats.class_groups(c.optimizer.eta)
   step_fn = CompiledTrainStep(model, tx, loss, groups, boundaries=boundaries)
   state = init_state(params, batch_stats, tx)
@@ -129,7 +129,7 @@ def test_training_path_replays_golden_trajectory(name):
   with golden_cases.enable_x64():
     c = config_for(meta)
     if meta['method'] == 'ssesam':  # the trainer's switch is the authors'
-      assert trainer.build_optimizer(c, meta['steps_per_epoch'])[1] == [meta['switch_step']]
+      assert setup.build_optimizer(c, meta['steps_per_epoch'])[1] == [meta['switch_step']]
     trajectory, _ = replay(meta, arrays, c)
   worst = 0.0
   for s, got in enumerate(trajectory):

@@ -11,18 +11,22 @@ be restored.
 from __future__ import annotations
 
 import datetime
-import pathlib
-import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from sse_sam_jax.train import workdir as workdir_lib
 
 
 class Checkpoints:
   """``last/`` keeps the newest ``keep`` checkpoints; ``best/`` the best by a metric."""
 
   def __init__(self, workdir, keep: int = 2):
-    self.root = root = pathlib.Path(workdir).absolute() / 'checkpoints'
+    workdir = workdir_lib.as_path(workdir)
+    if workdir_lib.is_local(workdir):
+      workdir = workdir.absolute()
+    self.root = root = workdir / 'checkpoints'
     self.last = ocp.CheckpointManager(
         root / 'last', options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         item_names=('state', 'data', 'meta'))
@@ -49,7 +53,7 @@ class Checkpoints:
     """The steps of ``last/``, newest first."""
     return sorted(self.last.all_steps(), reverse=True)
 
-  def set_aside(self, step: int) -> pathlib.Path:
+  def set_aside(self, step: int) -> epath.Path:
     """Moves checkpoint ``step`` (of ``last/`` and ``best/``) to ``damaged/``."""
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
     target = self.root / 'damaged' / f'{step}-{stamp}'
@@ -57,7 +61,7 @@ class Checkpoints:
     for name in ('last', 'best'):
       folder = self.root / name / str(step)
       if folder.exists():
-        shutil.move(str(folder), str(target / name))
+        workdir_lib.move(folder, target / name)
     self.last.reload()
     self.best.reload()
     return target

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
 
 from sse_sam_jax.train import setup
+from sse_sam_jax.train import workdir as workdir_lib
 from sse_sam_jax.train.checkpointing import Checkpoints
 from sse_sam_jax.train.workdir import UserError
 
@@ -107,7 +107,7 @@ def _damaged(checkpoints, step: int, error: Exception) -> None:
 
 def checkpoint_steps(workdir) -> list[int]:
   """The steps of ``workdir``'s checkpoints; reads the folder only (creates nothing)."""
-  last = pathlib.Path(workdir) / 'checkpoints' / 'last'
+  last = workdir_lib.as_path(workdir) / 'checkpoints' / 'last'
   return [int(p.name) for p in last.iterdir() if p.name.isdigit()] if last.is_dir() else []
 
 
@@ -115,9 +115,9 @@ def has_checkpoint(workdir) -> bool:
   return bool(checkpoint_steps(workdir))
 
 
-def finished_result(workdir: pathlib.Path) -> dict | None:
+def finished_result(workdir) -> dict | None:
   """The saved results of a finished run in ``workdir`` (its config was checked), or ``None``."""
-  path, steps = workdir / 'results.json', checkpoint_steps(workdir)
+  path, steps = workdir_lib.as_path(workdir) / 'results.json', checkpoint_steps(workdir)
   if not path.exists() or not steps:
     return None
   result = json.loads(path.read_text())
@@ -133,7 +133,7 @@ def restore_model(c, workdir, which: str = 'last'):
   config with the same model; another model (by the signature saved with the
   checkpoint) is a ``ValueError``."""
   if not has_checkpoint(workdir):  # before anything is built or written
-    raise UserError(f'no checkpoint in {pathlib.Path(workdir) / "checkpoints" / "last"}; '
+    raise UserError(f'no checkpoint in {workdir_lib.as_path(workdir) / "checkpoints" / "last"}; '
                     f'train first: sse-sam-jax train --workdir {workdir}')
   run = setup.prepare(c)
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)

@@ -4,28 +4,45 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
+import sys
 
 import jax
 import numpy as np
 
+from sse_sam_jax.train import workdir as workdir_lib
+
 
 class MetricLog:
   """JSON lines + TensorBoard, written by the first host only (every host computes the
-  same metrics)."""
+  same metrics). On a local disk lines are appended; on an object store (``gs://``),
+  which cannot append, the file is rewritten whole with each line."""
 
-  def __init__(self, workdir: pathlib.Path):
+  def __init__(self, workdir):
+    workdir = workdir_lib.as_path(workdir)
     self.path = workdir / 'metrics.jsonl'
+    self.local = workdir_lib.is_local(workdir)
     self.primary = jax.process_index() == 0
+    self.tb = None
     if self.primary:
       from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(str(workdir / 'tensorboard'))
+      try:
+        self.tb = SummaryWriter(str(workdir / 'tensorboard'))
+      except Exception as e:  # pylint: disable=broad-except
+        print(f'TensorBoard logs off: tensorboardX cannot write to {workdir}: {e}',
+              file=sys.stderr)
 
   def write(self, step: int, **scalars):
     if not self.primary:
       return
-    with self.path.open('a') as f:
-      f.write(json.dumps({'step': step, **scalars}) + '\n')
+    line = json.dumps({'step': step, **scalars}) + '\n'
+    if self.local:
+      with self.path.open('a') as f:
+        f.write(line)
+    else:
+      before = self.path.read_text() if self.path.exists() else ''
+      self.path.write_text(before + line)
+    if self.tb is None:
+      return
     for k, v in scalars.items():
       if isinstance(v, (int, float)) and math.isfinite(v):
         self.tb.add_scalar(k, v, step)
@@ -43,7 +60,7 @@ class MetricLog:
       tmp.replace(self.path)
 
   def close(self):
-    if self.primary:
+    if self.tb is not None:
       self.tb.close()
 
 
@@ -59,5 +76,6 @@ def plot_per_class(per_class, counts, path, title=''):
   ax.set_title(title)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with workdir_lib.as_path(path).open('wb') as f:  # any filesystem epath reaches
+    fig.savefig(f, format='png', dpi=120)
   plt.close(fig)

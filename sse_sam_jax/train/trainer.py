@@ -3,12 +3,14 @@
 ``train(config, workdir)`` claims the workdir (:mod:`sse_sam_jax.train.workdir`),
 builds the run (:mod:`sse_sam_jax.train.setup`), restores the newest intact
 checkpoint (:mod:`sse_sam_jax.train.resume`), compiles every program the run
-needs, then loops. The loop body is one step; everything periodic is a small
-action object (in the manner of CommonLoopUtils' periodic actions):
-:class:`MetricReport` every ``log_every_steps`` steps (the loop's only host
-sync, and the NaN stop), :class:`Evaluation`, :class:`HessianProbe` and
-:class:`Checkpointer` at epoch ends. One ``try/finally`` closes the
-checkpoints and the logs whatever ends the loop. SIGTERM (a preempted VM) saves
+needs, then loops. The loop body is one dispatch of one or several steps
+(:mod:`sse_sam_jax.train.dispatch`); everything periodic is a small action object
+(in the manner of CommonLoopUtils' periodic actions):
+:class:`MetricReport` every ``log_every_steps`` steps (metric lines and the NaN
+stop, read one interval late, so the loop syncs with the device only at epoch ends),
+:class:`Evaluation`, :class:`HessianProbe` and :class:`Checkpointer` at epoch ends.
+One ``try/finally`` closes the checkpoints, the logs and grain's workers whatever
+ends the loop. SIGTERM (a preempted VM) saves
 a checkpoint at the current step and stops; the rerun resumes from it.
 """
 
@@ -17,32 +19,24 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import pathlib
 import signal
 import threading
 import time
 
 import jax
-import numpy as np
 
 from sse_sam_jax import data as data_lib
 from sse_sam_jax.data import augment as augment_lib
 from sse_sam_jax.train import commands
 from sse_sam_jax.train import config as config_lib
+from sse_sam_jax.train import dispatch
 from sse_sam_jax.train import evaluate as eval_lib
 from sse_sam_jax.train import resume
 from sse_sam_jax.train import setup
 from sse_sam_jax.train import workdir as workdir_lib
 from sse_sam_jax.train.checkpointing import Checkpoints
 from sse_sam_jax.train.run_log import MetricLog, plot_per_class
-from sse_sam_jax.train import step as step_lib
 from sse_sam_jax.train.step import CompiledTrainStep
-
-# The builders and commands, as ``trainer.<name>`` for callers of the one-module trainer.
-build_loss, build_optimizer, prepare = setup.build_loss, setup.build_optimizer, setup.prepare
-evaluate_checkpoint = commands.evaluate_checkpoint
-hessian_of_checkpoint = commands.hessian_of_checkpoint
-head_tail_extremes, hessian_subset = commands.head_tail_extremes, commands.hessian_subset
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -62,7 +56,7 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   run stopped early or by SIGTERM (``'preempted': True``).
   """
   config_lib.validate(c)
-  workdir = pathlib.Path(workdir)
+  workdir = workdir_lib.as_path(workdir)  # local, or any filesystem epath reaches (gs://)
   # Multi-host: the first host claims the (shared) workdir for all of them.
   lock = workdir_lib.claim(workdir, c.to_dict(), restart=restart) \
       if jax.process_index() == 0 else None
@@ -114,19 +108,14 @@ class MetricReport:
   def __call__(self, step: int, epoch: int, epoch_end: bool, bar) -> None:
     if self.steps < self.every and not epoch_end:
       return
-    now = time.perf_counter()
-    interval = max(now - self.last, 1e-9)
-    timing = dict(wall_s=round(now - self.start, 3), step_s=interval / self.steps,
-                  examples_per_s=self.examples / interval,
-                  data_wait_frac=min(1.0, self.data_s / interval))
-    for key, value in (('examples', self.examples), ('data_wait_s', self.data_s),
-                       ('steps', self.steps)):
-      self.totals[key] += value
     for metrics in self.pending:
       for value in metrics.values():
         value.copy_to_host_async()
-    closed = (step, epoch, timing, self.pending)
-    self.pending, self.steps, self.examples, self.data_s, self.last = [], 0, 0, 0.0, now
+    closed = (step, epoch, self.steps, self.examples, self.data_s, self.pending)
+    for key, value in (('examples', self.examples), ('data_wait_s', self.data_s),
+                       ('steps', self.steps)):
+      self.totals[key] += value
+    self.pending, self.steps, self.examples, self.data_s = [], 0, 0, 0.0
     previous, self.in_flight = self.in_flight, closed
     if previous is not None:
       self._write(*previous, bar)
@@ -139,8 +128,16 @@ class MetricReport:
       closed, self.in_flight = self.in_flight, None
       self._write(*closed, bar)
 
-  def _write(self, step, epoch, timing, pending, bar):
+  def _write(self, step, epoch, steps, examples, data_s, pending, bar):
     summed = jax.device_get(pending)
+    # Timed from read to read: a read waits for the device, so the interval is the
+    # device's when it sets the pace and the host's when the host does.
+    now = time.perf_counter()
+    interval = max(now - self.last, 1e-9)
+    self.last = now
+    timing = dict(wall_s=round(now - self.start, 3), step_s=interval / steps,
+                  examples_per_s=examples / interval,
+                  data_wait_frac=min(1.0, data_s / interval))
     if not all(bool(m['finite']) for m in summed):
       kept = self.checkpoints.latest_step()
       kept = (f'the last good checkpoint (step {kept}) is kept in {self.workdir}' if kept
@@ -238,7 +235,7 @@ def sigterm_flag():
 # ----------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------
-def _train(c, workdir: pathlib.Path, progress: bool, stop_after_steps: int | None) -> dict:
+def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
   run = setup.prepare(c)
   spe, total_steps = run.steps_per_epoch, c.epochs * run.steps_per_epoch
   n_dev = run.mesh.devices.size
@@ -264,10 +261,10 @@ def _train(c, workdir: pathlib.Path, progress: bool, stop_after_steps: int | Non
     if start_step:
       batch_iter.set_state({'next_index': start_step})
     use_compilation_cache(c.compilation_cache_dir, workdir)
-    plan = DispatchPlan(steps_per_dispatch(c), spe,
-                        run.spec.full_batches(len(run.data.train)), run.boundaries)
-    compile_s = train_step.precompile(
-        state, programs=_programs(run, plan.dispatches(start_step, total_steps), train_step))
+    plan = dispatch.DispatchPlan(dispatch.steps_per_dispatch(c), spe,
+                                 run.spec.full_batches(len(run.data.train)), run.boundaries)
+    compile_s = train_step.precompile(state, programs=dispatch.programs(
+        run, plan.dispatches(start_step, total_steps), train_step))
     log = MetricLog(workdir)
     log.discard_after(start_step)
     print(f'{c.data.name}: {len(run.data.train)} train examples, class counts '
@@ -290,7 +287,7 @@ def _train(c, workdir: pathlib.Path, progress: bool, stop_after_steps: int | Non
         while step < epoch_end:
           n = plan.steps_from(step, stop_after_steps)
           t0 = time.perf_counter()
-          batch = _device_batch([next(batch_iter) for _ in range(n)], step, run)
+          batch = dispatch.device_batch([next(batch_iter) for _ in range(n)], step, run)
           data_s = time.perf_counter() - t0
           state, metrics = train_step(state, batch, step)
           report.add(metrics, batch['label'].size, data_s, steps=n)
@@ -342,87 +339,13 @@ def _train(c, workdir: pathlib.Path, progress: bool, stop_after_steps: int | Non
       gc.collect()
 
 
-def steps_per_dispatch(c) -> int:
-  """The config's ``steps_per_dispatch``; 0 (auto) is 8 on accelerators and 1 on CPUs:
-  on one H200 the main job's loop took 7.6 s at 8 against 15.1 s at 1; on 2 CPU cores
-  its examples/s did not change, and each stage compiles a second program."""
-  if c.steps_per_dispatch:
-    return int(c.steps_per_dispatch)
-  return 1 if jax.default_backend() == 'cpu' else 8
-
-
-class DispatchPlan:
-  """How many steps each dispatch runs: ``steps_per_dispatch`` (``k``) consecutive full
-  batches of one epoch and one stage in one program, counted from the epoch's start;
-  every other step (the epoch's remainder, its last partial batch, the steps up to
-  the next multiple of ``k`` after a resume) on its own. Decided from the step index
-  alone, so a resumed run dispatches the same steps together as an uninterrupted one."""
-
-  def __init__(self, steps_per_dispatch: int, steps_per_epoch: int, full_batches: int,
-               boundaries):
-    self.k, self.spe, self.full = int(steps_per_dispatch), steps_per_epoch, full_batches
-    self.boundaries = sorted(boundaries)
-
-  def steps_from(self, step: int, stop: int | None = None) -> int:
-    if self.k == 1:
-      return 1
-    into_epoch = step % self.spe
-    end = step - into_epoch + self.full  # the end of the epoch's full batches
-    end = min([end] + [b for b in self.boundaries if b > step] + ([stop] if stop else []))
-    return self.k if into_epoch % self.k == 0 and step + self.k <= end else 1
-
-  def dispatches(self, start: int, total: int) -> list:
-    """``(first step, steps)`` of every dispatch from ``start`` to ``total``."""
-    dispatches, step = [], start
-    while step < total:
-      n = self.steps_from(step)
-      dispatches.append((step, n))
-      step += n
-    return dispatches
-
-
-def _programs(run: setup.Run, dispatches, train_step: CompiledTrainStep) -> list:
-  """``(stage, batch shape)`` of every distinct program the dispatches need, sharded."""
-  example, n_train = tuple(run.data.train.x.shape[1:]), len(run.data.train)
-  sizes = run.spec.batch_sizes(n_train)
-  needed = set()
-  for step, n in dispatches:
-    last_of_epoch = (step + 1) % run.steps_per_epoch == 0
-    b = sizes[-1] if n == 1 and last_of_epoch else sizes[0]
-    needed.add((train_step.stage_at(step), n, b))
-  programs = []
-  for stage, n, b in sorted(needed):
-    lead = (n,) if n > 1 else ()
-    sharding = step_lib.stacked(run.batch_sharding) if n > 1 else run.batch_sharding
-    programs.append((stage, {
-        'x': jax.ShapeDtypeStruct(lead + (b,) + example, np.float32, sharding=sharding),
-        'label': jax.ShapeDtypeStruct(lead + (b,), np.int32, sharding=sharding)}))
-  return programs
-
-
-def _device_batch(batches: list, step: int, run: setup.Run):
-  """The host batches of the steps from ``step`` on the mesh (each host holds its rows
-  of the global batch); several are stacked along a leading axis."""
-  assert [int(b['step']) for b in batches] == list(range(step, step + len(batches)))
-  host = {'x': np.stack([b['x'] for b in batches]).astype(np.float32, copy=False),
-          'label': np.stack([b['label'] for b in batches]).astype(np.int32, copy=False)}
-  sharding = run.batch_sharding
-  if len(batches) == 1:
-    host = jax.tree.map(lambda a: a[0], host)
-  else:
-    sharding = step_lib.stacked(sharding)
-  if jax.process_count() > 1:
-    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), host)
-  return jax.device_put(host, sharding)
-
-
-def use_compilation_cache(setting: str, workdir: pathlib.Path) -> None:
+def use_compilation_cache(setting: str, workdir) -> None:
   """JAX's persistent compilation cache: ``'workdir'`` (default) keeps it in
   ``workdir/compilation_cache``, so a rerun or resume loads its programs instead of
   compiling them; a path puts it there (share one across runs); ``''`` turns it off."""
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   path = None if not setting else (workdir / 'compilation_cache' if setting == 'workdir'
-                                   else pathlib.Path(setting))
+                                   else workdir_lib.as_path(setting))
   if jax.config.jax_compilation_cache_dir != (str(path) if path else None):
     compilation_cache.reset_cache()
     jax.config.update('jax_compilation_cache_dir', str(path) if path else None)

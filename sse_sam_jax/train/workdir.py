@@ -20,8 +20,9 @@ import datetime
 import fcntl
 import json
 import os
-import pathlib
 import shutil
+
+from etils import epath
 
 
 class UserError(ValueError):
@@ -34,6 +35,16 @@ NEUTRAL_KEYS = ('eval.', 'log_every_steps', 'checkpoint.', 'hessian.', 'num_devi
                 'data.data_dir', 'compilation_cache_dir')
 
 CONFIG_FILE = 'config.json'
+
+
+def as_path(workdir) -> epath.Path:
+  """A workdir as an ``etils.epath.Path``: a local path, or any filesystem epath reaches
+  (``gs://bucket/run`` on a TPU VM, with ``gcsfs`` or TensorFlow's gfile installed)."""
+  return epath.Path(workdir)
+
+
+def is_local(path) -> bool:
+  return '://' not in os.fspath(path)
 
 
 def flatten(tree, prefix=''):
@@ -62,11 +73,15 @@ def config_changes(saved: dict, now: dict) -> list[str]:
 
 
 class WorkdirLock:
-  """An exclusive lock on ``workdir/.lock`` held while the run lives."""
+  """An exclusive lock on ``workdir/.lock`` held while the run lives (local
+  filesystems; an object store has no locks, so a remote workdir is not locked)."""
 
-  def __init__(self, workdir: pathlib.Path):
+  def __init__(self, workdir: epath.Path):
     self.path = workdir / '.lock'
-    self._file = open(self.path, 'a+')  # pylint: disable=consider-using-with
+    if not is_local(workdir):
+      self._file = None
+      return
+    self._file = open(os.fspath(self.path), 'a+')  # pylint: disable=consider-using-with
     try:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -81,12 +96,12 @@ class WorkdirLock:
     self._file.flush()
 
   def release(self):
-    if not self._file.closed:
+    if self._file is not None and not self._file.closed:
       fcntl.flock(self._file, fcntl.LOCK_UN)
       self._file.close()
 
 
-def _make_dir(workdir: pathlib.Path) -> None:
+def _make_dir(workdir: epath.Path) -> None:
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     probe = workdir / '.write_probe'
@@ -96,16 +111,24 @@ def _make_dir(workdir: pathlib.Path) -> None:
     raise UserError(f'cannot use {workdir} as a workdir: {e.strerror or e}.') from None
 
 
-def _set_aside(workdir: pathlib.Path) -> pathlib.Path:
+def _set_aside(workdir: epath.Path) -> epath.Path:
   stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
   target = workdir.with_name(f'{workdir.name}.old-{stamp}')
-  shutil.move(str(workdir), str(target))
+  move(workdir, target)
   return target
+
+
+def move(source: epath.Path, target: epath.Path) -> None:
+  """Moves a file or folder (``shutil.move`` locally; epath's rename elsewhere)."""
+  if is_local(source):
+    shutil.move(os.fspath(source), os.fspath(target))
+  else:
+    source.rename(target)
 
 
 def claim(workdir, config_dict: dict, *, restart: bool = False) -> WorkdirLock:
   """Takes ``workdir`` for a run of ``config_dict``; returns the held lock (see module doc)."""
-  workdir = pathlib.Path(workdir)
+  workdir = as_path(workdir)
   saved_path = workdir / CONFIG_FILE
   if restart and workdir.exists() and any(workdir.iterdir()):
     probe_lock = WorkdirLock(workdir)  # refuses while another run lives there

@@ -1,0 +1,121 @@
+"""Why a ResNet-32 step is slower on XLA:CPU than on PyTorch's CPU backend: one run, side by side.
+
+Times, interleaved round by round on the same machine (batch 128, 32x32x3, SGD):
+  trainer_step  the trainer's step (``CompiledTrainStep``: clean pass with loss_vjp,
+                metrics, finiteness check, donated state), as benchmarks/step_cost.py;
+  plain_step    ``jax.grad`` of the mean cross-entropy through the same model + optax
+                SGD, nothing else (what a plain Flax training step does);
+  forward       the training-mode forward pass alone;
+  torch         benchmarks/torch_resnet32_step.py (NCHW and channels-last), in a
+                subprocess with ``--torch-python`` (a Python with a CPU torch).
+Each XLA_FLAGS setting of ``--xla-flags`` (';'-separated) reruns the JAX rows in a
+fresh subprocess. Writes benchmarks/results/cpu_convolutions.json.
+
+  python benchmarks/cpu_convolutions.py --torch-python /tmp/torchenv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+
+def jax_rows(rounds: int, batch: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from sse_sam_jax import losses, models
+  from sse_sam_jax.train import CompiledTrainStep, init_state
+
+  rng = np.random.default_rng(0)
+  data = {'x': jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32),
+          'label': jnp.asarray(rng.integers(0, 10, batch), jnp.int32)}
+  model, params, stats = models.create('resnet32', 10, seed=0)
+  tx = optax.chain(optax.add_decayed_weights(2e-4), optax.sgd(0.1, momentum=0.9))
+  loss = lambda logits, y, step: losses.cross_entropy(logits, y)
+  trainer_step = CompiledTrainStep(model, tx, loss)
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  state = init_state(copy(params), copy(stats), tx)
+
+  @jax.jit
+  def plain_step(params, stats, opt_state, x, y):
+    def mean_loss(p):
+      logits, new_stats = model.apply(p, stats, x, train=True)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_stats
+    grads, new_stats = jax.grad(mean_loss, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_stats, opt_state
+
+  forward = jax.jit(lambda p, s, x: model.apply(p, s, x, train=True))
+  plain_args = (copy(params), copy(stats), tx.init(params), data['x'], data['label'])
+
+  runs = {
+      'trainer_step': lambda: trainer_step(copy(state), data, 0),
+      'plain_step': lambda: plain_step(*plain_args),
+      'forward': lambda: forward(params, stats, data['x']),
+  }
+  for fn in runs.values():  # compile + warm
+    jax.block_until_ready(fn())
+    jax.block_until_ready(fn())
+  times = {k: [] for k in runs}
+  for _ in range(rounds):
+    for name, fn in runs.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t0)
+  return {k: round(statistics.median(v) * 1e3, 1) for k, v in times.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--rounds', type=int, default=9)
+  parser.add_argument('--batch', type=int, default=128)
+  parser.add_argument('--torch-python', default='')
+  parser.add_argument('--xla-flags', default='')
+  parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--out', default='benchmarks/results/cpu_convolutions.json')
+  args = parser.parse_args()
+  if args.child:
+    print(json.dumps(jax_rows(args.rounds, args.batch)))
+    return
+
+  here = pathlib.Path(__file__).resolve().parent
+  results = {'batch': args.batch, 'rounds': args.rounds, 'cpu_count': os.cpu_count(), 'jax': {}}
+  for flags in [''] + [f for f in args.xla_flags.split(';') if f]:
+    env = dict(os.environ, XLA_FLAGS=flags, PYTHONWARNINGS='ignore')
+    out = subprocess.run([sys.executable, __file__, '--child', '--rounds', str(args.rounds),
+                          '--batch', str(args.batch)], env=env, capture_output=True, text=True)
+    if out.returncode:
+      results['jax'][flags or 'default'] = {'error': out.stderr.strip().splitlines()[-1][:300]}
+    else:
+      results['jax'][flags or 'default'] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(flags or 'default', results['jax'][flags or 'default'], flush=True)
+  if args.torch_python:
+    results['torch'] = {}
+    for extra in ([], ['--channels-last']):
+      out = subprocess.run([args.torch_python, str(here / 'torch_resnet32_step.py'),
+                            '--batch', str(args.batch)] + extra,
+                           capture_output=True, text=True, check=True)
+      row = json.loads(out.stdout.strip().splitlines()[-1])
+      results['torch']['channels_last' if extra else 'nchw'] = row
+      print('torch', row, flush=True)
+    best_torch = min(r['median_ms'] for r in results['torch'].values())
+    base = results['jax']['default']
+    results['ratios_to_torch'] = {k: round(v / best_torch, 2) for k, v in base.items()}
+    print('ratios to torch (default flags):', results['ratios_to_torch'])
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(results, indent=1))
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  main()
