@@ -108,6 +108,9 @@ class MetricReport:
   def __call__(self, step: int, epoch: int, epoch_end: bool, bar) -> None:
     if self.steps < self.every and not epoch_end:
       return
+    if not self.steps:  # nothing since the last interval closed
+      self.flush(bar)
+      return
     for metrics in self.pending:
       for value in metrics.values():
         value.copy_to_host_async()
