@@ -120,3 +120,34 @@ def test_no_worker_process_or_shared_memory_outlives_a_run(tmp_path, mode):
   alive = [p for p in workers if psutil.pid_exists(p)
            and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
   assert not alive, f'worker processes outlived the run: {alive}'
+
+
+MULTI_DEVICE = r'''
+import json, sys, pathlib, tempfile
+sys.path.insert(0, sys.argv[1])
+import jax, numpy as np
+from sse_sam_jax.train import trainer
+from tests.test_trainer import make_npz, small_config
+
+d = pathlib.Path(tempfile.mkdtemp())
+npz = make_npz(d / 'b.npz')
+out = {}
+for scope in ('global', 'per_device'):
+  for k in (1, 4):
+    c = small_config(npz, **{'epochs': 2, 'optimizer.name': 'sse_sam', 'optimizer.gamma': 0.5,
+                             'steps_per_dispatch': k, 'perturbation_scope': scope,
+                             'data.drop_remainder': True})
+    r = trainer.train(c, d / f'{scope}{k}', progress=False)
+    out[f'{scope}{k}'] = [np.asarray(x).tolist() for x in jax.tree.leaves(r['state'].params)]
+print(json.dumps(out))
+'''
+
+
+def test_several_steps_per_dispatch_on_4_devices_per_device_scope_included():
+  from tests.test_scale_out import run_with_devices
+  out = run_with_devices(MULTI_DEVICE, devices=4)
+  for scope in ('global', 'per_device'):
+    for a, b in zip(out[f'{scope}1'], out[f'{scope}4']):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # the per-device perturbation is not the global one: the test sees the scope
+  assert not np.allclose(out['global4'][0], out['per_device4'][0])

@@ -19,7 +19,7 @@ from sse_sam_jax.train.step import CompiledTrainStep
 
 def steps_per_dispatch(c) -> int:
   """The config's ``steps_per_dispatch``; 0 (auto) is 8 on accelerators and 1 on CPUs:
-  on one H200 the main job's loop took 7.6 s at 8 against 15.1 s at 1; on 2 CPU cores
+  on one H200 the main job's loop took 8.2 s at 8 against 15.1 s at 1; on 2 CPU cores
   its examples/s did not change, and each stage compiles a second program."""
   if c.steps_per_dispatch:
     return int(c.steps_per_dispatch)
@@ -65,14 +65,14 @@ def programs(run: setup.Run, dispatches, train_step: CompiledTrainStep) -> list:
     last_of_epoch = (step + 1) % run.steps_per_epoch == 0
     b = sizes[-1] if n == 1 and last_of_epoch else sizes[0]
     needed.add((train_step.stage_at(step), n, b))
-  programs = []
+  out = []
   for stage, n, b in sorted(needed):
     lead = (n,) if n > 1 else ()
     sharding = step_lib.stacked(run.batch_sharding) if n > 1 else run.batch_sharding
-    programs.append((stage, {
+    out.append((stage, {
         'x': jax.ShapeDtypeStruct(lead + (b,) + example, np.float32, sharding=sharding),
         'label': jax.ShapeDtypeStruct(lead + (b,), np.int32, sharding=sharding)}))
-  return programs
+  return out
 
 
 def device_batch(batches: list, step: int, run: setup.Run):
