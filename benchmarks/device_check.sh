@@ -3,6 +3,7 @@
 # whose image has its own jax (never replaced): the packages it lacks travel as wheels in
 # .whl/ and go to /tmp/site on PYTHONPATH (see the workplace's device notes).
 #   bash benchmarks/device_check.sh   # writes $OUT/*.json and $OUT/log
+#   CHECKS="step_cost loop" bash benchmarks/device_check.sh   # a subset (main, loop, step_cost)
 set -uo pipefail
 OUT=${OUT:-/tmp/device_check}; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -14,6 +15,9 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TF_CPP_MIN_LOG_LEVEL=3
 nvidia-smi -L
 python3 -c 'import jax, flax, optax; print("jax", jax.__version__, jax.devices(), "flax", flax.__version__, "optax", optax.__version__)'
 
+CHECKS=${CHECKS:-main loop}
+for check in $CHECKS; do case $check in
+main)
 # The README main job as its README command runs it (config defaults: 8 steps per
 # dispatch on a GPU), wall clock of the whole command: first on a bare machine
 # (MNIST-1D generated, programs compiled), then rerun from scratch (--restart), which
@@ -29,8 +33,19 @@ main_job ''
 main_job ', rerun' --restart
 main_job ', rerun, 1 step per dispatch' --restart --config.steps_per_dispatch=1
 
+;;
+loop)
 # Loop efficiency: ResNet-34 (CIFAR stem) b64 SSE-SAM on a CIFAR-shaped .npz with
 # augmentation (4 grain workers) and evaluation every epoch; then the main job.
 timeout 300 python3 benchmarks/loop_efficiency.py --runs resnet,main --resnet-model resnet34_cifar \
   --resnet-batch 64 --resnet-examples 3200 --resnet-epochs 3 --num-workers 4 \
   --out "$OUT/loop_efficiency_gpu.json"
+;;
+step_cost)
+# The SAM family and the variants' exact and reuse steps on the paper's recipe
+# (ResNet-34 CIFAR stem, batch 64), interleaved, ratios to SGD from one run.
+STEP_COST_ONLY=${STEP_COST_ONLY:-sgd,sam,asam,imbsam,sse_sam_stage1,sse_sam_stage2,sse_sam_stage1_reuse,sse_sam_stage2_reuse,focal_sam,shot_sam} \
+  timeout 330 python3 benchmarks/step_cost.py --model resnet34_cifar --batch 64 --rounds 10 \
+  --out "$OUT/step_cost_gpu.json"
+;;
+esac; done

@@ -56,6 +56,31 @@ RUNS = {
                          {'optimizer.name': 'sse_sam', 'loss.name': 'ldam', 'loss.drw_epoch': 32,
                           'model.normed_classifier': True}),
 }
+# The SAM variants of issue 16, each against exact SSE-SAM ('sse_sam') with the same seeds.
+VARIANT_RUNS = {
+    'sse_sam_looksam2': ('SSE-SAM, perturbed passes every 2nd step, LookSAM reuse (alpha 0.7)',
+                         {'optimizer.name': 'sse_sam', 'optimizer.sharpness_every': 2}),
+    'sse_sam_looksam5': ('SSE-SAM, perturbed passes every 5th step, LookSAM reuse (alpha 0.7)',
+                         {'optimizer.name': 'sse_sam', 'optimizer.sharpness_every': 5}),
+    'sse_sam_fraction05': ('SSE-SAM, perturbed passes on a random half of the steps, reuse',
+                           {'optimizer.name': 'sse_sam', 'optimizer.sharpness_fraction': 0.5}),
+    'sse_sam_reuse2m': ('SSE-SAM, perturbed passes every 2nd step, reuse at the measured scale',
+                        {'optimizer.name': 'sse_sam', 'optimizer.sharpness_every': 2,
+                         'optimizer.sharpness_scale': 'measured', 'optimizer.sharpness_alpha': 1.0}),
+    'sse_sam_reuse5m': ('SSE-SAM, perturbed passes every 5th step, reuse at the measured scale',
+                        {'optimizer.name': 'sse_sam', 'optimizer.sharpness_every': 5,
+                         'optimizer.sharpness_scale': 'measured', 'optimizer.sharpness_alpha': 1.0}),
+    'asam_sse_sam': ('SSE-SAM with ASAM ascent steps (eta 0.01), radii 0.5/1.0 (10x, as ASAM)',
+                     {'optimizer.name': 'sse_sam', 'optimizer.adaptive': True,
+                      'optimizer.head_rho': 0.5, 'optimizer.tail_rho': 1.0}),
+    'focal_sam': ('Focal-SAM rho 0.05, lambda 1, gamma 1 (one perturbed pass)',
+                  {'optimizer.name': 'focal_sam', 'optimizer.rho': 0.05}),
+    'shot_sam': ('Per-shot radii 0.05/0.075/0.1 (Many/Medium/Few; 3 perturbed passes)',
+                 {'optimizer.name': 'shot_sam'}),
+    'sse_sam_bn_last': ('SSE-SAM, BatchNorm running statistics from the last perturbed pass',
+                        {'optimizer.name': 'sse_sam', 'model.running_stats': 'last_perturbed'}),
+}
+RUNS.update(VARIANT_RUNS)
 # Radius grids, trained with 10% of every class held out for validation; the radius is
 # chosen by mean validation accuracy (All) over seeds, never on the test set.
 GRIDS = {

@@ -6,9 +6,11 @@
 """
 
 from sse_sam_jax.optim import (
-    HEAD, TAIL, NORMALIZATIONS, SharpnessAwareState, StageSwitchState, bind_extra_args,
-    example_groups, group_coefficients, group_sam, imbsam, mean_across, microbatched, perturb,
-    resolve_mask, sam, sam_then_imbsam, sse_sam, stage_at, stage_boundaries, stage_switch, switch_step,
-    tail_classes, validate_class_counts, validate_radius)
+    ASAM_ETA, HEAD, TAIL, NORMALIZATIONS, SharpnessAwareState, SharpnessReuseState,
+    SharpnessSteps, StageSwitchState, adaptive_leaves, asam, focal_sam, focal_weights, bind_extra_args, example_groups,
+    group_coefficients, group_sam, imbsam, is_sharpness_step, looksam, mean_across,
+    microbatched, perturb, random_fraction, resolve_mask, sam, sam_then_imbsam,
+    sharpness_step_at, sharpness_steps_of, sse_sam, stage_at, stage_boundaries, stage_switch,
+    switch_step, tail_classes, validate_class_counts, validate_radius)
 
 __version__ = '0.2.0'

@@ -52,7 +52,7 @@ def test_base_optimizer_from_the_config(base, reference):
   c = config(**{'optimizer.name': 'sam', 'optimizer.base': base, 'optimizer.lr': 0.1,
                 'optimizer.schedule': 'constant', 'optimizer.weight_decay': 1e-3,
                 'optimizer.b1': 0.8, 'optimizer.b2': 0.99, 'optimizer.eps': 1e-6})
-  tx, boundaries = setup.build_optimizer(c, SPE)
+  tx, boundaries, _ = setup.build_optimizer(c, SPE)
   assert boundaries == []
   want = steps(optax.chain(ssj.sam(c.optimizer.rho), *reference()))
   got = steps(tx)
@@ -65,7 +65,7 @@ def test_clipping_comes_after_the_sharpness_aware_transform():
   c = config(**{'optimizer.name': 'sam', 'optimizer.clip_norm': 0.01, 'optimizer.lr': 1.0,
                 'optimizer.schedule': 'constant', 'optimizer.momentum': 0.0,
                 'optimizer.weight_decay': 0.0})
-  tx, _ = setup.build_optimizer(c, SPE)
+  tx, _, _ = setup.build_optimizer(c, SPE)
   params, loss_fn = toy()
   grads = jax.grad(lambda p: loss_fn(p).mean())(params)
   updates, _ = tx.update(grads, tx.init(params), params, loss_fn=loss_fn)
@@ -89,7 +89,7 @@ def test_warmup_is_honoured_by_every_schedule(schedule):
 
 def test_stage_boundaries_are_read_from_the_transform():
   c = config(**{'optimizer.name': 'sse_sam', 'optimizer.gamma': 0.7})
-  tx, boundaries = setup.build_optimizer(c, SPE)
+  tx, boundaries, _ = setup.build_optimizer(c, SPE)
   assert boundaries == [ssj.switch_step(0.7, 20, SPE)] == [140]
   assert ssj.stage_boundaries(ssj.sam(0.1)) == ()
   assert ssj.stage_boundaries(ssj.stage_switch([ssj.sam(0.1), ssj.sam(0.2), ssj.sam(0.3)],

@@ -106,7 +106,7 @@ def replay(meta, arrays, c, steps=None):
   stats = data_lib.ClassStats(counts=np.asarray(meta['class_counts']))
   spe = meta['steps_per_epoch']
   model, params, batch_stats, to_golden = golden_model(meta, arrays)
-  tx, boundaries = setup.build_optimizer(c, spe)
+  tx, boundaries, _ = setup.build_optimizer(c, spe)
   loss = setup.build_loss(c, stats, spe)
   groups = None if c.optimizer.name in ('sgd', 'sam') else stats.class_groups(c.optimizer.eta)
   step_fn = CompiledTrainStep(model, tx, loss, groups, boundaries=boundaries)

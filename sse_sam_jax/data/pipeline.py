@@ -99,3 +99,25 @@ def eval_batches(split: Split, batch_size: int, transform=None):
     x = split.x[start:start + batch_size]
     yield {'x': x if transform is None else transform(x),
            'label': split.label[start:start + batch_size]}
+
+
+def wait_for_shared_memory_release(timeout_s: float = 10.0) -> None:
+  """Waits until grain has unlinked the shared memory of the batches already freed.
+
+  Batches from worker processes live in shared memory that grain unlinks on a
+  background thread pool when the last reference goes; a process that exits
+  before that thread runs leaves the segments behind ("leaked shared_memory
+  objects" at exit). The pool takes its tasks in order, so a no-op task that has
+  run means every earlier unlink has. Uses grain's class attribute
+  ``SharedMemoryArray._del_thread_pool`` and does nothing where it is absent.
+  """
+  try:
+    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  thread_pool = getattr(shared_memory_array.SharedMemoryArray, '_del_thread_pool', None)
+  if thread_pool is not None:
+    try:
+      thread_pool.apply_async(lambda: None).wait(timeout_s)
+    except ValueError:  # the pool was closed
+      pass

@@ -29,7 +29,9 @@ import numpy as np
 import optax
 
 from sse_sam_jax.optim import sharpness_aware
+from sse_sam_jax.optim import sharpness_reuse
 from sse_sam_jax.optim.sharpness_aware import Radius
+from sse_sam_jax.optim.sharpness_reuse import SharpnessSteps
 
 
 class StageSwitchState(NamedTuple):
@@ -93,6 +95,7 @@ def stage_switch(transforms: Sequence[optax.GradientTransformation],
     return new_updates, StageSwitchState(optax.safe_increment(state.count), stage_states)
 
   update_fn.stage_boundaries = boundaries  # read by stage_boundaries()
+  update_fn.stage_transforms = transforms  # read by sharpness_step_at()
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -112,6 +115,29 @@ def stage_boundaries(transform: optax.GradientTransformation) -> tuple[int, ...]
 def stage_at(step: int, boundaries: Sequence[int]) -> int:
   """The stage :func:`stage_switch` runs at ``step`` (host-side, for static stages)."""
   return int(np.searchsorted(np.asarray(boundaries), step, side='right'))
+
+
+def sharpness_step_at(transform: optax.GradientTransformation, step: int) -> bool | None:
+  """Host-side: whether step ``step`` (the count of steps before it) runs the
+  perturbed passes of ``transform``, built with ``sharpness_steps``; ``None`` when
+  every step does (nothing to choose). For a :func:`stage_switch` the stage's own
+  count (steps since the stage began) decides, as in the program. Pass the answer
+  as ``update(..., sharpness_step=...)`` to compile one program per kind.
+
+  >>> import sse_sam_jax as ssj
+  >>> tx = ssj.sse_sam(0.05, 0.1, switch_step=7, sharpness_steps=ssj.looksam(every=5))
+  >>> [ssj.sharpness_step_at(tx, s) for s in (0, 1, 5, 7, 12)]
+  [True, False, True, True, True]
+  """
+  stages = getattr(transform.update, 'stage_transforms', None)
+  if stages is not None:
+    starts = (0,) + stage_boundaries(transform)
+    index = stage_at(step, starts[1:])
+    transform, step = stages[index], step - starts[index]
+  steps = sharpness_aware.sharpness_steps_of(transform)
+  if sharpness_reuse.always_exact(steps):
+    return None
+  return sharpness_reuse.is_sharpness_step(step, steps)
 
 
 def switch_step(gamma: float, epochs: int, steps_per_epoch: int) -> int:
@@ -150,7 +176,9 @@ def _check_switch_step(switch_step):
 
 def sse_sam(head_rho: Radius, tail_rho: Radius, switch_step: int, *,
             normalization: str = 'batch', tail_weight: float = 1.0,
-            tail_classes=None, mask=None) -> optax.GradientTransformationExtraArgs:
+            tail_classes=None, mask=None, adaptive_eta: float | None = None,
+            sharpness_steps: SharpnessSteps | None = None,
+            ) -> optax.GradientTransformationExtraArgs:
   r"""SSE-SAM: separate head/tail perturbations, then tail-only (ImbSAM).
 
   Stage 1 (steps ``< switch_step``):
@@ -167,7 +195,10 @@ def sse_sam(head_rho: Radius, tail_rho: Radius, switch_step: int, *,
 
   Radii may be arrays (``optax.inject_hyperparams(ssj.sse_sam, static_args=
   ('switch_step', 'tail_classes'))``); ``mask`` perturbs a subset of the
-  parameters in both groups (see :mod:`sse_sam_jax.optim.sharpness_aware`).
+  parameters in both groups (see :mod:`sse_sam_jax.optim.sharpness_aware`);
+  ``adaptive_eta`` makes every group's ascent step ASAM's; ``sharpness_steps``
+  runs the perturbed passes on some steps only (LookSAM-style reuse, counted
+  from each stage's start; :mod:`sse_sam_jax.optim.sharpness_reuse`).
 
   Passes per step: stage 1 one clean forward, two clean backwards and two
   perturbed forward+backward passes (11 units, 3.7x SGD); stage 2, 8 units (2.7x).
@@ -184,25 +215,28 @@ def sse_sam(head_rho: Radius, tail_rho: Radius, switch_step: int, *,
   switch_step = _check_switch_step(switch_step)
   sharpness_aware.validate_radius(head_rho, 'head_rho')
   class_groups = sharpness_aware._head_tail_class_groups(tail_classes)
-  stage1 = sharpness_aware.group_sam(
-      (head_rho, tail_rho), normalization=normalization,
-      group_weights=(1.0, tail_weight), class_groups=class_groups, mask=mask, name='sse_sam')
-  stage2 = sharpness_aware.group_sam(
-      (0.0, _shifted(tail_rho, switch_step)), normalization=normalization,
-      group_weights=(1.0, tail_weight), class_groups=class_groups, mask=mask, name='sse_sam')
+  kw = dict(normalization=normalization, group_weights=(1.0, tail_weight),
+            class_groups=class_groups, mask=mask, adaptive_eta=adaptive_eta,
+            sharpness_steps=sharpness_steps, name='sse_sam')
+  stage1 = sharpness_aware.group_sam((head_rho, tail_rho), **kw)
+  stage2 = sharpness_aware.group_sam((0.0, _shifted(tail_rho, switch_step)), **kw)
   return stage_switch([stage1, stage2], [switch_step])
 
 
 def sam_then_imbsam(rho: Radius, tail_rho: Radius, switch_step: int, *,
                     normalization: str = 'batch', tail_weight: float = 1.0,
-                    tail_classes=None, mask=None) -> optax.GradientTransformationExtraArgs:
+                    tail_classes=None, mask=None, adaptive_eta: float | None = None,
+                    sharpness_steps: SharpnessSteps | None = None,
+                    ) -> optax.GradientTransformationExtraArgs:
   """The abstract's wording of SSE-SAM: plain SAM, then ImbSAM from ``switch_step``.
 
   Not the authors' code (see :func:`sse_sam`); offered as a variant.
   """
   switch_step = _check_switch_step(switch_step)
   return stage_switch(
-      [sharpness_aware.sam(rho, mask=mask),
+      [sharpness_aware.sam(rho, mask=mask, adaptive_eta=adaptive_eta,
+                           sharpness_steps=sharpness_steps),
        sharpness_aware.imbsam(_shifted(tail_rho, switch_step), normalization=normalization,
-                              tail_weight=tail_weight, tail_classes=tail_classes, mask=mask)],
+                              tail_weight=tail_weight, tail_classes=tail_classes, mask=mask,
+                              adaptive_eta=adaptive_eta, sharpness_steps=sharpness_steps)],
       [switch_step])

@@ -15,10 +15,12 @@ from sse_sam_jax.models import MODELS
 from sse_sam_jax.optim import NORMALIZATIONS
 from sse_sam_jax.train.schedules import SCHEDULES
 from sse_sam_jax.train.sharding import PARAMETER_SHARDINGS
+from sse_sam_jax.train.step import RUNNING_STATS
 
 DATASETS = ('mnist1d', 'cifar10', 'cifar100', 'npz', 'imagenet_lt', 'inaturalist2018')
 PERTURBATION_SCOPES = ('global', 'per_device', 'microbatch')
-OPTIMIZERS = ('sgd', 'sam', 'imbsam', 'group_sam', 'sse_sam', 'sam_then_imbsam')
+OPTIMIZERS = ('sgd', 'sam', 'asam', 'imbsam', 'group_sam', 'sse_sam', 'sam_then_imbsam',
+              'shot_sam', 'focal_sam')
 BASE_OPTIMIZERS = ('sgd', 'nesterov', 'adamw')
 
 
@@ -31,7 +33,10 @@ def default_config() -> ml_collections.ConfigDict:
       iid_noise_scale=0.07, num_samples=62500, n_max=5000, val_fraction=0.0, data_dir='', npz_path='',
       train_list='', test_list='', image_size=224,
       batch_size=128, drop_remainder=False, num_workers=0, augment=False, shots='mnist1d'))
-  c.model = ml_collections.ConfigDict(dict(name='conv1d', normed_classifier=False))
+  # running_stats: BatchNorm running statistics from the 'clean' pass (default) or from
+  # the step's 'last_perturbed' pass (what the authors' PyTorch loop folds in last).
+  c.model = ml_collections.ConfigDict(dict(name='conv1d', normed_classifier=False,
+                                           running_stats='clean'))
   c.loss = ml_collections.ConfigDict(dict(
       name='ce', drw_epoch=-1, drw_beta=0.9999, ldam_max_margin=0.5, ldam_scale=30.0,
       tau=1.0, vs_gamma=0.2))
@@ -41,7 +46,21 @@ def default_config() -> ml_collections.ConfigDict:
       # the base optimizer: 'sgd' (heavy ball, the references'), 'nesterov' or 'adamw'
       base='sgd', lr=0.05, schedule='cosine', warmup_epochs=0, momentum=0.9,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=5e-4,
-      clip_norm=0.0))  # > 0: clip the sharpness-aware direction to this global norm
+      clip_norm=0.0,  # > 0: clip the sharpness-aware direction to this global norm
+      # ASAM's ascent step (Kwon et al. 2021) for any SAM-family name ('asam': SAM's);
+      # its published radius is rho = 0.5 (SAM's 0.05).
+      adaptive=False, adaptive_eta=0.01,
+      # Cheaper steps (sse_sam_jax.optim.sharpness_reuse): the perturbed passes on every
+      # `sharpness_every`-th step (and on a random `sharpness_fraction` of those), LookSAM
+      # reuse of the sharpness component with weight `sharpness_alpha`
+      # in between ('looksam': the reused component's norm is alpha x the gradient's;
+      # 'measured': its size relative to the gradient on the last sharpness step, x alpha).
+      sharpness_every=1, sharpness_fraction=1.0, sharpness_alpha=0.7,
+      sharpness_scale='looksam',
+      # 'shot_sam': one radius per shot group (Many, Medium, Few), one perturbed pass each.
+      shot_rhos=(0.05, 0.075, 0.1),
+      # 'focal_sam' (Li et al. 2025): sharpness weighted by (1 - class share)^gamma, radius rho.
+      focal_lambda=1.0, focal_gamma=1.0))
   c.eval = ml_collections.ConfigDict(dict(
       flip_tta=False, every_epochs=10, select_on='none', batch_size=1000))
   c.checkpoint = ml_collections.ConfigDict(dict(every_epochs=5, keep=2))
@@ -98,6 +117,26 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(0.0 <= o.gamma <= 1.0, f'optimizer.gamma must lie in [0, 1], got {o.gamma}.')
   check(o.eta > 0, f'optimizer.eta must be > 0, got {o.eta}.')
   check(o.tail_weight >= 0, f'optimizer.tail_weight must be >= 0, got {o.tail_weight}.')
+  check(0 <= o.adaptive_eta < float('inf'),
+        f'optimizer.adaptive_eta must be finite and >= 0, got {o.adaptive_eta}.')
+  check(int(o.sharpness_every) == o.sharpness_every and o.sharpness_every >= 1,
+        f'optimizer.sharpness_every must be an integer >= 1, got {o.sharpness_every}.')
+  check(0 < o.sharpness_fraction <= 1,
+        f'optimizer.sharpness_fraction must lie in (0, 1], got {o.sharpness_fraction}.')
+  check(0 <= o.sharpness_alpha < float('inf'),
+        f'optimizer.sharpness_alpha must be finite and >= 0, got {o.sharpness_alpha}.')
+  check(o.sharpness_scale in ('looksam', 'measured'),
+        f"optimizer.sharpness_scale must be 'looksam' or 'measured', got {o.sharpness_scale!r}.")
+  check(len(o.shot_rhos) == 3 and all(0 <= r < float('inf') for r in o.shot_rhos),
+        f'optimizer.shot_rhos must be 3 radii >= 0 (Many, Medium, Few), got {o.shot_rhos}.')
+  check(o.focal_lambda >= 0 and o.focal_gamma >= 0,
+        'optimizer.focal_lambda and optimizer.focal_gamma must be >= 0.')
+  check(c.model.running_stats in RUNNING_STATS,
+        f'model.running_stats must be one of {RUNNING_STATS}, got {c.model.running_stats!r}.')
+  reuse = o.sharpness_every > 1 or o.sharpness_fraction < 1
+  check(not (reuse and c.model.running_stats == 'last_perturbed' and c.steps_per_dispatch > 1),
+        "model.running_stats='last_perturbed' with cheaper sharpness steps needs "
+        'steps_per_dispatch=1 (the kind of every step is then chosen on the host).')
   check(int(c.epochs) == c.epochs and c.epochs >= 1, 'epochs must be an integer >= 1.')
   check(c.data.batch_size >= 1, f'data.batch_size must be >= 1, got {c.data.batch_size}.')
   check(c.data.imbalance_factor >= 1,

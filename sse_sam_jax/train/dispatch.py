@@ -23,6 +23,10 @@ def steps_per_dispatch(c) -> int:
   its examples/s did not change, and each stage compiles a second program."""
   if c.steps_per_dispatch:
     return int(c.steps_per_dispatch)
+  o = c.optimizer
+  if c.model.running_stats == 'last_perturbed' and (o.sharpness_every > 1
+                                                    or o.sharpness_fraction < 1):
+    return 1  # the kind of every step is chosen on the host (see config.validate)
   return 1 if jax.default_backend() == 'cpu' else 8
 
 
@@ -57,19 +61,20 @@ class DispatchPlan:
 
 
 def programs(run: setup.Run, dispatches, train_step: CompiledTrainStep) -> list:
-  """``(stage, batch shape)`` of every distinct program the dispatches need, sharded."""
+  """``((stage, sharpness_step), batch shape)`` of every distinct program the dispatches
+  need, sharded."""
   example, n_train = tuple(run.data.train.x.shape[1:]), len(run.data.train)
   sizes = run.spec.batch_sizes(n_train)
   needed = set()
   for step, n in dispatches:
     last_of_epoch = (step + 1) % run.steps_per_epoch == 0
     b = sizes[-1] if n == 1 and last_of_epoch else sizes[0]
-    needed.add((train_step.stage_at(step), n, b))
+    needed.add((train_step.kind_at(step, n), n, b))
   out = []
-  for stage, n, b in sorted(needed):
+  for kind, n, b in sorted(needed, key=repr):
     lead = (n,) if n > 1 else ()
     sharding = step_lib.stacked(run.batch_sharding) if n > 1 else run.batch_sharding
-    out.append((stage, {
+    out.append((kind, {
         'x': jax.ShapeDtypeStruct(lead + (b,) + example, np.float32, sharding=sharding),
         'label': jax.ShapeDtypeStruct(lead + (b,), np.int32, sharding=sharding)}))
   return out

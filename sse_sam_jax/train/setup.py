@@ -90,17 +90,57 @@ def build_loss(c, stats: data_lib.ClassStats, steps_per_epoch: int):
   return loss
 
 
-def build_direction(c, steps_per_epoch: int):
-  """The sharpness-aware transform of ``c.optimizer.name`` (``None`` for SGD)."""
+def sharpness_steps(c) -> ssj.SharpnessSteps | None:
+  """The config's cheaper sharpness-aware steps, or ``None`` (every step exact)."""
   o = c.optimizer
-  group_kw = dict(normalization=o.normalization, tail_weight=o.tail_weight)
+  if o.sharpness_every == 1 and o.sharpness_fraction >= 1:
+    return None
+  return ssj.SharpnessSteps(every=int(o.sharpness_every), fraction=float(o.sharpness_fraction),
+                            alpha=float(o.sharpness_alpha), seed=int(c.seed),
+                            scale=o.sharpness_scale)
+
+
+def shot_class_groups(stats) -> np.ndarray:
+  """Every class's shot group: Many 0, Medium 1, Few 2 (``optimizer.name='shot_sam'``)."""
+  shots = stats.shot_groups()
+  return np.select([shots['many'], shots['medium'], shots['few']], [0, 1, 2]).astype(np.int32)
+
+
+def class_groups_for(c, stats) -> np.ndarray | None:
+  """The group of every class for the group methods (``None``: the method needs none)."""
+  name = c.optimizer.name
+  if name in ('sgd', 'sam', 'asam', 'focal_sam'):
+    return None
+  if name == 'shot_sam':
+    return shot_class_groups(stats)
+  return stats.class_groups(c.optimizer.eta)  # raises if no head or no tail class
+
+
+def build_direction(c, steps_per_epoch: int, stats=None):
+  """The sharpness-aware transform of ``c.optimizer.name`` (``None`` for SGD).
+  ``stats`` (:class:`~sse_sam_jax.data.ClassStats`) is needed by ``focal_sam``."""
+  o = c.optimizer
+  kw = dict(adaptive_eta=o.adaptive_eta if o.adaptive or o.name == 'asam' else None,
+            sharpness_steps=sharpness_steps(c))
+  group_kw = dict(normalization=o.normalization, tail_weight=o.tail_weight, **kw)
   switch = ssj.switch_step(o.gamma, c.epochs, steps_per_epoch)
+
+  def focal():
+    if stats is None:
+      raise ValueError("optimizer.name='focal_sam' needs the class statistics (stats=).")
+    return ssj.focal_sam(o.rho, lam=o.focal_lambda, gamma=o.focal_gamma,
+                         class_counts=stats.counts, **kw)
+
   return {
       'sgd': lambda: None,
-      'sam': lambda: ssj.sam(o.rho),
+      'sam': lambda: ssj.sam(o.rho, **kw),
+      'asam': lambda: ssj.sam(o.rho, **kw),
       'imbsam': lambda: ssj.imbsam(o.tail_rho, **group_kw),
       'group_sam': lambda: ssj.group_sam((o.head_rho, o.tail_rho), normalization=o.normalization,
-                                         group_weights=(1.0, o.tail_weight)),
+                                         group_weights=(1.0, o.tail_weight), **kw),
+      'shot_sam': lambda: ssj.group_sam(tuple(o.shot_rhos), normalization=o.normalization,
+                                        name='shot_sam', **kw),
+      'focal_sam': focal,
       'sse_sam': lambda: ssj.sse_sam(o.head_rho, o.tail_rho, switch, **group_kw),
       'sam_then_imbsam': lambda: ssj.sam_then_imbsam(o.rho, o.tail_rho, switch, **group_kw),
   }[o.name]()
@@ -157,8 +197,8 @@ def scope_plan(c) -> ScopePlan:
   return ScopePlan('global', None, None, None)
 
 
-def build_optimizer(c, steps_per_epoch: int):
-  """Returns ``(tx, stage boundaries)``: the SAM family first, then (per scope) the
+def build_optimizer(c, steps_per_epoch: int, stats=None):
+  """Returns ``(tx, stage boundaries, the SAM-family transform or None)``: the SAM family first, then (per scope) the
   average across devices or microbatches, optional clipping of the direction
   (``optimizer.clip_norm``), weight decay and the base optimizer. The stage
   boundaries are read from the transform (:func:`sse_sam_jax.stage_boundaries`).
@@ -170,7 +210,7 @@ def build_optimizer(c, steps_per_epoch: int):
   o = c.optimizer
   lr = schedules.make(o.schedule, o.lr, c.epochs, steps_per_epoch,
                       warmup_epochs=o.warmup_epochs)
-  direction = build_direction(c, steps_per_epoch)
+  direction = build_direction(c, steps_per_epoch, stats)
   parts = [direction] if direction is not None else []
   scope = scope_plan(c)
   if scope.average is not None:
@@ -179,7 +219,7 @@ def build_optimizer(c, steps_per_epoch: int):
     parts.append(optax.clip_by_global_norm(o.clip_norm))
   parts += build_base_optimizer(c, lr)
   boundaries = list(ssj.stage_boundaries(direction)) if direction is not None else []
-  return optax.chain(*parts), boundaries
+  return optax.chain(*parts), boundaries, direction
 
 
 @dataclasses.dataclass
@@ -199,6 +239,11 @@ class Run:
   tx: optax.GradientTransformation
   boundaries: list
   scope: 'ScopePlan'
+  direction: optax.GradientTransformation | None = None  # the SAM-family transform
+
+  def sharpness_step_at(self, step: int) -> bool | None:
+    """Whether ``step`` runs the perturbed passes (``None``: every step does)."""
+    return None if self.direction is None else ssj.sharpness_step_at(self.direction, step)
 
 
 def prepare(c) -> Run:
@@ -206,9 +251,7 @@ def prepare(c) -> Run:
   config_lib.validate(c)
   lt = build_data(c)
   stats = class_stats(c, lt.train)
-  class_groups = None
-  if c.optimizer.name not in ('sgd', 'sam'):
-    class_groups = stats.class_groups(c.optimizer.eta)  # raises if no head or no tail class
+  class_groups = class_groups_for(c, stats)
   spec = data_lib.BatchSpec(c.data.batch_size, c.data.drop_remainder)
   steps_per_epoch = spec.steps_per_epoch(len(lt.train))
 
@@ -221,14 +264,14 @@ def prepare(c) -> Run:
   model, params, batch_stats = models.create(c.model.name, lt.train.num_classes, seed=c.seed,
                                              **model_kw)
   loss = build_loss(c, stats, steps_per_epoch)
-  tx, boundaries = build_optimizer(c, steps_per_epoch)
+  tx, boundaries, direction = build_optimizer(c, steps_per_epoch, stats)
   state = init_state(params, batch_stats, tx)
   state_sharding = sharding_lib.state_sharding(state, mesh, c.parameter_sharding,
                                                min_elements=c.fsdp_min_elements)
   state = jax.device_put(state, state_sharding)
   return Run(lt, stats, class_groups, spec, steps_per_epoch, mesh, state_sharding,
              sharding_lib.batch_sharding(mesh), model, state, loss, tx, boundaries,
-             scope_plan(c))
+             scope_plan(c), direction)
 
 
 def check_batch_sizes(c, batch_sizes, n_dev: int) -> None:

@@ -35,8 +35,12 @@ def init_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainSt
                     opt_state=tx.init(params))
 
 
+RUNNING_STATS = ('clean', 'last_perturbed')
+
+
 def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLoss,
-               class_groups=None, stage: int | None = None):
+               class_groups=None, stage: int | None = None, sharpness_step: bool | None = None,
+               running_stats: str = 'clean'):
   """One optimization step. ``batch`` has ``'x'`` and ``'label'``.
 
   ``class_groups`` (int ``[C]``, head 0 / tail 1) gives every example its group
@@ -45,16 +49,29 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
   over the batch (``loss_sum``, ``correct``, ``count``) so that they add up
   across steps and devices, and ``finite`` (False if the loss or the new
   parameters are NaN/Inf).
+
+  ``sharpness_step`` (a Python bool) fixes the kind of step of a transform built
+  with ``sharpness_steps`` (see :mod:`sse_sam_jax.optim.sharpness_reuse`).
+  ``running_stats``: BatchNorm running statistics updated from the clean pass
+  (``'clean'``, the default) or from the last perturbed pass of the step
+  (``'last_perturbed'``; the clean pass's when the step has none), as the
+  authors' PyTorch loop, whose every forward pass updates them, ends up with
+  the last pass's batch statistics folded in last.
   """
+  if running_stats not in RUNNING_STATS:
+    raise ValueError(f'running_stats must be one of {RUNNING_STATS}, got {running_stats!r}.')
   x, labels = batch['x'], batch['label']
 
   def clean_pass(params):
     logits, new_stats = model.apply(params, state.batch_stats, x, train=True)
     return loss(logits, labels, state.step), (logits, new_stats)
 
-  def loss_fn(params):  # perturbed passes: full-batch BN statistics, running stats dropped
-    logits, _ = model.apply(params, state.batch_stats, x, train=True)
-    return loss(logits, labels, state.step)
+  keep_perturbed = running_stats == 'last_perturbed'
+
+  def loss_fn(params):  # perturbed passes: full-batch BN statistics
+    logits, stats = model.apply(params, state.batch_stats, x, train=True)
+    losses = loss(logits, labels, state.step)
+    return (losses, stats) if keep_perturbed else losses  # running stats dropped by default
 
   losses, vjp_fn, (logits, new_stats) = jax.vjp(clean_pass, state.params, has_aux=True)
   # The plain gradient; sharpness-aware transforms given `loss_vjp` do not read it, and
@@ -65,7 +82,14 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
     extra['group_ids'] = jnp.asarray(class_groups)[labels]
   if stage is not None:
     extra['stage'] = stage
+  if sharpness_step is not None:
+    extra['sharpness_step'] = sharpness_step
+  perturbed_stats = []
+  if keep_perturbed:
+    extra['perturbed_aux'] = perturbed_stats
   updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
+  if perturbed_stats:
+    new_stats = perturbed_stats[-1]
   params = optax.apply_updates(state.params, updates)
 
   loss_sum = jnp.sum(losses)
@@ -156,11 +180,19 @@ class CompiledTrainStep:
   (:func:`scan_steps`), all in the stage of the first; its metrics are the sums
   over the ``n`` steps. For small models, whose steps are shorter than the
   host's work per dispatch, this keeps the accelerator busy.
+
+  Cheaper sharpness-aware steps (``sharpness_steps``): ``sharpness_step_at``
+  (``step -> True / False / None``, e.g. ``functools.partial(ssj.sharpness_step_at,
+  direction)``) picks the kind of a single step on the host, one program per
+  kind, as for stages; a dispatch of several steps leaves the choice to the
+  program (``lax.cond``). ``running_stats`` is passed to :func:`train_step`.
   """
 
   def __init__(self, model, tx, loss: PerExampleLoss, class_groups=None, *,
                boundaries=(), state_sharding=None, batch_sharding=None,
-               per_device_axis: str | None = None, microbatch: int | None = None):
+               per_device_axis: str | None = None, microbatch: int | None = None,
+               sharpness_step_at=None, running_stats: str = 'clean'):
+    self.sharpness_step_at = sharpness_step_at or (lambda step: None)
     self.boundaries = tuple(int(b) for b in boundaries)
     self.num_stages = len(self.boundaries) + 1
     self.batch_sharding = batch_sharding
@@ -169,59 +201,68 @@ class CompiledTrainStep:
       self._kwargs = dict(in_shardings=(state_sharding, batch_sharding),
                           out_shardings=(state_sharding, None))
 
-    def program(stage):
+    def program(stage, kind):
       fn = functools.partial(train_step, model=model, tx=tx, loss=loss,
                              class_groups=class_groups,
-                             stage=stage if self.num_stages > 1 else None)
+                             stage=stage if self.num_stages > 1 else None,
+                             sharpness_step=kind, running_stats=running_stats)
       if microbatch:
         fn = per_microbatch(fn, microbatch)
       if per_device_axis is not None:
         fn = per_device(fn, batch_sharding.mesh, per_device_axis)
       return fn
 
-    self._step_fns = [program(i) for i in range(self.num_stages)]
+    self._program = program
     self._executables = {}
     self.compiles = 0
 
   def stage_at(self, step: int) -> int:
     return optim_stage_at(step, self.boundaries)
 
-  def _jit(self, stage: int, steps: int):
-    fn, kwargs = self._step_fns[stage], dict(self._kwargs)
+  def kind_at(self, step: int, steps: int = 1):
+    """``(stage, sharpness_step)`` of the program that runs ``steps`` steps from ``step``."""
+    return self.stage_at(step), (self.sharpness_step_at(step) if steps == 1 else None)
+
+  def _jit(self, kind, steps: int):
+    fn, kwargs = self._program(*kind), dict(self._kwargs)
     if steps > 1:
       fn = scan_steps(fn)
       if kwargs:
         kwargs['in_shardings'] = (kwargs['in_shardings'][0], stacked(self.batch_sharding))
     return jax.jit(fn, donate_argnums=(0,), **kwargs)
 
-  def _executable(self, stage: int, state, batch):
+  def _executable(self, kind, state, batch):
     steps = batch['label'].shape[0] if batch['label'].ndim == 2 else 1
-    key = (stage, tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())))
+    key = (kind, tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())))
     if key not in self._executables:
-      self._executables[key] = self._jit(stage, steps).lower(state, batch).compile()
+      self._executables[key] = self._jit(kind, steps).lower(state, batch).compile()
       self.compiles += 1
     return self._executables[key]
 
   def precompile(self, state, batch_shapes=(), *, programs=()) -> float:
-    """Compiles every stage for every batch shape of ``batch_shapes``, and the
-    ``(stage, batch shape)`` pairs of ``programs``; returns the seconds it took."""
+    """Compiles every stage for every batch shape of ``batch_shapes`` (both kinds of
+    step where ``sharpness_step_at`` chooses), and the ``((stage, sharpness_step),
+    batch shape)`` pairs of ``programs``; returns the seconds it took."""
     t0 = time.perf_counter()
     state_spec = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
         state)
-    pairs = [(stage, b) for b in batch_shapes for stage in range(self.num_stages)]
-    for stage, batch in pairs + list(programs):
-      self._executable(stage, state_spec, batch)
+    kinds = (None,) if self.sharpness_step_at(0) is None else (True, False)
+    pairs = [((stage, kind), b) for b in batch_shapes for stage in range(self.num_stages)
+             for kind in kinds]
+    for kind, batch in pairs + list(programs):
+      self._executable(kind, state_spec, batch)
     return time.perf_counter() - t0
 
   def __call__(self, state: TrainState, batch: dict, step: int):
     """Runs step number ``step`` (a host int: the count of steps done before it), or the
     ``n`` steps from ``step`` on for a batch of ``n`` stacked batches."""
-    stage = self.stage_at(step)
-    if batch['label'].ndim == 2 and self.stage_at(step + batch['label'].shape[0] - 1) != stage:
-      raise ValueError(f'the {batch["label"].shape[0]} steps from step {step} cross a stage '
+    steps = batch['label'].shape[0] if batch['label'].ndim == 2 else 1
+    kind = self.kind_at(step, steps)
+    if steps > 1 and self.stage_at(step + steps - 1) != kind[0]:
+      raise ValueError(f'the {steps} steps from step {step} cross a stage '
                        f'boundary ({self.boundaries}); split the dispatch there.')
-    return self._executable(stage, state, batch)(state, batch)
+    return self._executable(kind, state, batch)(state, batch)
 
 
 def scan_steps(step_fn):

@@ -58,7 +58,8 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   config_lib.validate(c)
   workdir = workdir_lib.as_path(workdir)  # local, or any filesystem epath reaches (gs://)
   # Multi-host: the first host claims the (shared) workdir for all of them.
-  lock = workdir_lib.claim(workdir, c.to_dict(), restart=restart) \
+  lock = workdir_lib.claim(workdir, c.to_dict(), restart=restart,
+                                defaults=config_lib.default_config().to_dict()) \
       if jax.process_index() == 0 else None
   try:
     finished = resume.finished_result(workdir)
@@ -223,16 +224,30 @@ class Checkpointer:
 
 @contextlib.contextmanager
 def sigterm_flag():
-  """Yields a list that becomes non-empty when SIGTERM arrives (main thread only)."""
-  received = []
+  """Yields a list that becomes non-empty when SIGTERM arrives (main thread only).
+
+  Ctrl-C (SIGINT) is taken the same way: the loop raises ``KeyboardInterrupt`` at
+  the next step boundary, so the interrupt never lands inside a library's
+  ``__del__`` (where Python ignores it and the run would go on); a second Ctrl-C
+  raises at once."""
+  received, interrupted = [], []
   if threading.current_thread() is not threading.main_thread():
-    yield received
+    yield received, interrupted
     return
+
+  def on_sigint(signum, frame):
+    del frame
+    if interrupted:
+      raise KeyboardInterrupt
+    interrupted.append(signum)
+
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  previous_int = signal.signal(signal.SIGINT, on_sigint)
   try:
-    yield received
+    yield received, interrupted
   finally:
     signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGINT, previous_int)
 
 
 # ----------------------------------------------------------------------------
@@ -245,7 +260,8 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
   train_step = CompiledTrainStep(
       run.model, run.tx, run.loss, run.class_groups, boundaries=run.boundaries,
       state_sharding=run.state_sharding, batch_sharding=run.batch_sharding,
-      per_device_axis=run.scope.per_device_axis, microbatch=run.scope.microbatch)
+      per_device_axis=run.scope.per_device_axis, microbatch=run.scope.microbatch,
+      sharpness_step_at=run.sharpness_step_at, running_stats=c.model.running_stats)
   layout = dict(run.scope.layout(c, n_dev), model_signature=resume.model_signature(run.state))
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
   log, batch_iter = None, None
@@ -281,7 +297,7 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
 
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
     step, t_start = start_step, time.perf_counter()
-    with sigterm_flag() as sigterm:
+    with sigterm_flag() as (sigterm, interrupted):
       while step < total_steps:
         epoch = step // spe
         epoch_end = (epoch + 1) * spe
@@ -297,6 +313,9 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
           step += n
           bar.update(n)
           report(step, epoch, step == epoch_end, bar)
+          if interrupted:
+            raise KeyboardInterrupt(f'Ctrl-C at step {step}; rerun the same command to resume '
+                                    'from the last checkpoint.')
           if sigterm or (stop_after_steps is not None and step >= stop_after_steps):
             break
         if step < epoch_end:  # stopped inside the epoch: its open intervals are read too
@@ -340,6 +359,7 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
       # objects" at exit, and /dev/shm fills up over many runs in one process).
       del batch_iter
       gc.collect()
+      data_lib.wait_for_shared_memory_release()  # unlinked before the process may exit
 
 
 def use_compilation_cache(setting: str, workdir) -> None:

@@ -61,12 +61,17 @@ def _neutral(key: str) -> bool:
   return any(key == n or (n.endswith('.') and key.startswith(n)) for n in NEUTRAL_KEYS)
 
 
-def config_changes(saved: dict, now: dict) -> list[str]:
-  """``'key: old -> new'`` for every key that alters training and differs."""
+def config_changes(saved: dict, now: dict, defaults: dict | None = None) -> list[str]:
+  """``'key: old -> new'`` for every key that alters training and differs. A key the
+  saved config lacks (written by an older version) is no change while ``now`` holds
+  its value in ``defaults``."""
   saved, now = flatten(saved), flatten(now)
+  defaults = flatten(defaults or {})
   changes = []
   for key in sorted(set(saved) | set(now)):
     if _neutral(key) or saved.get(key) == now.get(key):
+      continue
+    if key not in saved and key in defaults and now.get(key) == defaults[key]:
       continue
     changes.append(f'{key}: {saved.get(key, "(absent)")!r} -> {now.get(key, "(absent)")!r}')
   return changes
@@ -126,9 +131,13 @@ def move(source: epath.Path, target: epath.Path) -> None:
     source.rename(target)
 
 
-def claim(workdir, config_dict: dict, *, restart: bool = False) -> WorkdirLock:
-  """Takes ``workdir`` for a run of ``config_dict``; returns the held lock (see module doc)."""
+def claim(workdir, config_dict: dict, *, restart: bool = False,
+          defaults: dict | None = None) -> WorkdirLock:
+  """Takes ``workdir`` for a run of ``config_dict``; returns the held lock (see module doc).
+  ``defaults``: the current default config (see :func:`config_changes`)."""
   workdir = as_path(workdir)
+  as_json = lambda d: json.loads(json.dumps(d))  # tuples as lists, as they are saved
+  config_dict, defaults = as_json(config_dict), as_json(defaults or {})
   saved_path = workdir / CONFIG_FILE
   if restart and workdir.exists() and any(workdir.iterdir()):
     probe_lock = WorkdirLock(workdir)  # refuses while another run lives there
@@ -144,7 +153,7 @@ def claim(workdir, config_dict: dict, *, restart: bool = False) -> WorkdirLock:
       except json.JSONDecodeError:
         saved = None
       if saved is not None:
-        changes = config_changes(saved, config_dict)
+        changes = config_changes(saved, config_dict, defaults)
         if changes:
           raise UserError(
               f'{workdir} holds another experiment; these keys differ from its '
