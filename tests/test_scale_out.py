@@ -178,11 +178,12 @@ print(json.dumps(out))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('method', ['sam', 'imbsam', 'sse_sam'])
+@pytest.mark.parametrize('method', ['sam', 'sse_sam'])
 def test_layouts_agree_in_float64(method):
   """Global mode on 8 devices == 1 device, FSDP == replicated, and microbatches of m
   give the same result on any device count (all float64, to 1e-12); evaluation split
-  over 8 devices gives the same predictions."""
+  over 8 devices gives the same predictions. (ImbSAM's path is SSE-SAM's stage 2, which
+  the sse_sam case runs: steps 2 and 3.)"""
   out = run_with_devices(LAYOUTS, method)
   assert out.pop('eval_split_equal')
   assert set(out) == {method}

@@ -14,8 +14,9 @@ import pytest
 
 import sse_sam_jax as ssj
 from sse_sam_jax.optim import sharpness_reuse
+from tests.test_optim import B, C, IN, make_batch  # the same batches as the optimizer tests
 
-B, IN, HID, C = 12, 5, 7, 4
+HID = 7
 TAIL = ssj.tail_classes([400, 120, 30, 8], 50)  # classes 2 and 3 are tail
 
 
@@ -27,13 +28,6 @@ def init_params(seed=0, dtype=jnp.float32):
       'dense2': {'kernel': (jax.random.normal(k3, (HID, C)) * 0.5).astype(dtype),
                  'bias': (jax.random.normal(k4, (C,)) * 0.1).astype(dtype)},
   }
-
-
-def make_batch(seed, labels=None):
-  kx, ky = jax.random.split(jax.random.key(100 + seed))
-  x = jax.random.normal(kx, (B, IN))
-  y = jax.random.randint(ky, (B,), 0, C) if labels is None else jnp.asarray(labels)
-  return x, y
 
 
 def per_example_loss(params, x, y):
