@@ -51,13 +51,14 @@ def rows_from_runs(runs) -> list[dict]:
 
 
 def paired(rows, variant, metric):
-  """Mean paired difference (variant - reference), its 95% t-interval, n, seeds better."""
+  """Mean paired difference (variant - reference), its 95% t-interval, n, seeds better;
+  the number of paired seeds alone when there are fewer than 2."""
   ref = {r['seed']: float(r[metric]) for r in rows if r['run'] == REFERENCE}
   var = {r['seed']: float(r[metric]) for r in rows if r['run'] == variant}
   seeds = sorted(set(ref) & set(var))
   d = np.array([var[s] - ref[s] for s in seeds])
   if len(d) < 2:
-    return None
+    return len(d)
   half = t_quantile(len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
   return d.mean(), d.mean() - half, d.mean() + half, len(d), int(np.sum(d > 0))
 
@@ -82,7 +83,7 @@ def report(rows) -> str:
     cells = []
     for metric in METRICS:
       p = paired(rows, name, metric)
-      cells.append('n/a' if p is None else
+      cells.append(f'{p} paired seed(s): no interval' if isinstance(p, int) else
                    f'{p[0]:+.2f} [{p[1]:+.2f}, {p[2]:+.2f}] ({p[4]}/{p[3]})')
     lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   lines += ['', 'Runs:', ''] + [f'- `{n}`: {RUNS[n][0]}' for n in METHODS]
