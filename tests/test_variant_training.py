@@ -178,3 +178,13 @@ def test_a_workdir_of_an_older_version_resumes_when_new_keys_keep_their_defaults
   now['optimizer']['sharpness_every'] = 4
   assert workdir_lib.config_changes(older, now, defaults) == [
       "optimizer.sharpness_every: '(absent)' -> 4"]
+
+
+def test_asam_leaves_biases_of_flax_models_unscaled():
+  """NNX parameters end in a variable's ``value``: the name before it decides."""
+  _, params, _ = models.create('conv1d', 10)
+  marks = jax.tree_util.tree_flatten_with_path(ssj.adaptive_leaves(params))[0]
+  by_name = {tuple(getattr(k, 'key', getattr(k, 'name', None)) for k in path[:-1]): m
+             for path, m in marks}
+  assert by_name[('bn1', 'bias')] is False and by_name[('head', 'bias')] is False
+  assert by_name[('bn1', 'scale')] is True and by_name[('conv1', 'kernel')] is True

@@ -446,3 +446,12 @@ def test_focal_sam_zero_gradient_bf16_and_errors():
     ssj.focal_sam(0.1, lam=1.0, gamma=-1.0, class_counts=COUNTS)
   with pytest.raises(TypeError, match='labels'):
     tx.update(params, tx.init(params), params, loss_fn=lambda p: per_example_loss(p, x, y))
+
+
+def test_perturbed_aux_needs_a_static_stage():
+  params = init_params(0)
+  x, y = make_batch(0)
+  tx = ssj.sse_sam(0.05, 0.1, 3)
+  with pytest.raises(ValueError, match='static stage'):
+    tx.update(params, tx.init(params), params, loss_fn=lambda p: (per_example_loss(p, x, y), ()),
+              group_ids=ssj.example_groups(y, TAIL), perturbed_aux=[])

@@ -216,13 +216,14 @@ def adaptive_leaves(params):
 
   The official ASAM code scales the parameters whose name contains ``weight``
   (convolution and linear kernels, normalisation scales) and leaves biases at
-  scale 1. Here a leaf is unscaled when the last key of its path is ``'bias'``
-  (Flax's name); a leaf with no name (a bare array) is scaled.
+  scale 1. Here a leaf is unscaled when the last name in its path is ``'bias'``
+  (Flax's name; a trailing ``value`` of an NNX variable is skipped); a leaf with no
+  name (a bare array) is scaled.
   """
   def scaled(path, _):
-    last = path[-1] if path else None
-    name = getattr(last, 'key', getattr(last, 'name', None))
-    return name != 'bias'
+    names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+    names = [n for n in names if isinstance(n, str) and n not in ('value', 'raw_value')]
+    return not names or names[-1] != 'bias'
   return jax.tree_util.tree_map_with_path(scaled, params)
 
 
@@ -233,8 +234,8 @@ def perturb(params, direction, rho, mask=None, adaptive_eta=None):
   ``mask`` (a full pytree of bools, see :func:`resolve_mask`) only the marked
   leaves move, and the norm is taken over them alone.
 
-  With ``adaptive_eta`` (ASAM, Kwon et al. 2021, eq. 9 of the paper and the
-  official code's ascent step), every leaf of :func:`adaptive_leaves` has the
+  With ``adaptive_eta`` (ASAM, Kwon et al. 2021, as the official code's ascent
+  step), every leaf of :func:`adaptive_leaves` has the
   element-wise scale :math:`T_w = |w| + \eta` (1 for biases) and
 
   .. math::

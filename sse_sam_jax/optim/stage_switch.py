@@ -88,6 +88,9 @@ def stage_switch(transforms: Sequence[optax.GradientTransformation],
         raise ValueError(f'stage must be a Python int in [0, {len(transforms)}), got {stage!r}.')
       new_updates, stage_states = make_branch(stage)((updates, state.stage_states, params))
     else:
+      if extra_args.get('perturbed_aux') is not None:
+        raise ValueError('stage_switch: collecting the perturbed passes\' aux (perturbed_aux=) '
+                         'needs a static stage: update(..., stage=i), see stage_at().')
       index = jnp.sum(state.count >= jnp.asarray(boundaries, jnp.int32)).astype(jnp.int32)
       new_updates, stage_states = jax.lax.switch(
           index, [make_branch(i) for i in range(len(transforms))],
