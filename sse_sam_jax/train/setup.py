@@ -198,8 +198,9 @@ def scope_plan(c) -> ScopePlan:
 
 
 def build_optimizer(c, steps_per_epoch: int, stats=None):
-  """Returns ``(tx, stage boundaries, the SAM-family transform or None)``: the SAM family first, then (per scope) the
-  average across devices or microbatches, optional clipping of the direction
+  """Returns ``(tx, stage boundaries, the SAM-family transform or None)``: the SAM
+  family first, then (per scope) the average across devices or microbatches,
+  optional clipping of the direction
   (``optimizer.clip_norm``), weight decay and the base optimizer. The stage
   boundaries are read from the transform (:func:`sse_sam_jax.stage_boundaries`).
 
