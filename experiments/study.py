@@ -1,154 +1,350 @@
-"""The reproduction study on the offline long-tailed benchmark: run, resume, report.
+"""The reproduction study (v2) on the offline long-tailed benchmark: run, resume, tabulate.
 
-  python experiments/study.py run --seeds 0 1 2 [--setting B] [--only sgd sse_sam]
-  python experiments/report.py
+  python experiments/study.py run --workers 2                 # every part, both cores
+  python experiments/study.py run --parts offset tune         # some parts (each < 2 h)
+  python experiments/study.py csv                             # per-seed rows -> study_<S>.csv
+  python experiments/study_report.py                          # STUDY.md from the CSVs alone
 
-Every run is a training of ``sse_sam_jax.train.trainer`` with the offline
-benchmark's config plus the overrides below; each writes
-``experiments/results/runs/<setting>/<run>/seed<k>/results.json`` and is skipped
-when that file exists (so an interrupted sweep resumes where it stopped). The
-report reads every results.json and writes ``experiments/results/REPORT.md``
-and its figures.
+Every run is a training of ``sse_sam_jax.train.trainer`` with the offline benchmark's
+config, the study's common overrides (:data:`COMMON`: the reference code's PyTorch
+initialisation and a balanced validation split of 12,500 freshly generated examples)
+and the run's own. A run writes ``runs/<setting>/<run>/seed<k>/results.json`` and is
+skipped once that file exists; a worker claims a run with an exclusive ``.claim`` file
+(its pid; a dead worker's claim is taken over), so any number of workers share the
+queue and an interrupted sweep resumes where it stopped.
+
+Parts (in queue order):
+  offset    SGD with the study's init and with Flax's, 10 seeds, settings B and A: the
+            offset from the anchor (shared/offline_benchmark.md), one change at a time.
+  tune      every SAM-family method on 3 radii (the reference radius x 0.5, 1, 2) with
+            seeds 0-2; the reweighting controls with 10 seeds.
+  final     each method's radius chosen by mean validation balanced accuracy over the
+            tuning seeds (never the test set), extended to 10 seeds; SSE-SAM's gamma
+            (0.5 / 0.9 beside 0.7) at the chosen radii, chosen the same way.
+  controls  DRW and LDAM-DRW, alone and under SAM, ImbSAM and SSE-SAM (reference radii),
+            5 seeds; setting A's missing rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import errno
 import json
+import os
 import pathlib
+import subprocess
+import sys
 import time
 
+import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'experiments' / 'results'
 RUNS_DIR = RESULTS / 'runs'
+VARIANTS_DIR = RUNS_DIR / 'variants'  # issue 16's runs (variants_report.py)
 
 SETTINGS = {'B': {'data.iid_noise_scale': 0.07}, 'A': {'data.iid_noise_scale': 0.02}}
+COMMON = {'data.val_generated': 12500, 'model.init': 'torch'}
+SEEDS = tuple(range(10))
+TUNE_SEEDS = (0, 1, 2)
+CONTROL_SEEDS = tuple(range(5))
+RADIUS_SCALES = (0.5, 1.0, 2.0)
+GAMMAS = (0.5, 0.9)  # beside the paper's 0.7
 
-# name -> (description, overrides). Radii are the references' (not tuned here).
-RUNS = {
-    'sgd': ('SGD', {'optimizer.name': 'sgd'}),
-    'sam': ('SAM rho 0.05', {'optimizer.name': 'sam', 'optimizer.rho': 0.05}),
-    'imbsam_group': ('ImbSAM rho 0.1, group-normalised (SSE-SAM repo baseline)',
-                     {'optimizer.name': 'imbsam', 'optimizer.tail_rho': 0.1,
-                      'optimizer.normalization': 'group'}),
-    'control_group': ('SGD on the group-normalised loss (= ImbSAM rho 0; reweighting control)',
-                      {'optimizer.name': 'imbsam', 'optimizer.tail_rho': 0.0,
-                       'optimizer.normalization': 'group'}),
-    'imbsam_batch': ('ImbSAM rho 0.1, batch-normalised (paper rule)',
-                     {'optimizer.name': 'imbsam', 'optimizer.tail_rho': 0.1}),
-    'sse_sam': ('SSE-SAM 0.05/0.1, gamma 0.7 (batch-normalised, as published)',
-                {'optimizer.name': 'sse_sam'}),
-    'sse_sam_group': ('SSE-SAM 0.05/0.1, gamma 0.7, group-normalised losses',
-                      {'optimizer.name': 'sse_sam', 'optimizer.normalization': 'group'}),
-    'drw': ('SGD + DRW (class-balanced weights from epoch 32)',
-            {'optimizer.name': 'sgd', 'loss.drw_epoch': 32}),
-    'sse_sam_drw': ('SSE-SAM 0.05/0.1 + DRW from epoch 32',
-                    {'optimizer.name': 'sse_sam', 'loss.drw_epoch': 32}),
-    'sse_sam_g05': ('SSE-SAM 0.05/0.1, gamma 0.5', {'optimizer.name': 'sse_sam',
-                                                   'optimizer.gamma': 0.5}),
-    'sse_sam_g09': ('SSE-SAM 0.05/0.1, gamma 0.9', {'optimizer.name': 'sse_sam',
-                                                   'optimizer.gamma': 0.9}),
-    'ldam_drw': ('SGD + LDAM-DRW (normalised classifier, DRW from epoch 32)',
-                 {'optimizer.name': 'sgd', 'loss.name': 'ldam', 'loss.drw_epoch': 32,
-                  'model.normed_classifier': True}),
-    'sse_sam_ldam_drw': ('SSE-SAM 0.05/0.1 + LDAM-DRW',
-                         {'optimizer.name': 'sse_sam', 'loss.name': 'ldam', 'loss.drw_epoch': 32,
-                          'model.normed_classifier': True}),
+_GN = {'loss.group_normalised': True}
+_GROUP = {'optimizer.normalization': 'group'}
+_DRW = {'loss.drw_epoch': 32}
+_LDAM_DRW = {'loss.name': 'ldam', 'loss.drw_epoch': 32, 'model.normed_classifier': True}
+_SSE_RADII = {'optimizer.head_rho': 0.05, 'optimizer.tail_rho': 0.1}
+
+# method -> (description, overrides, reference radii: the grid scales them together)
+METHODS = {
+    'sgd': ('SGD', {'optimizer.name': 'sgd'}, None),
+    'sgd_gn': ('SGD on the group-normalised loss (reweighting control; = ImbSAM rho 0)',
+               {'optimizer.name': 'sgd', **_GN}, None),
+    'sam': ('SAM', {'optimizer.name': 'sam'}, {'optimizer.rho': 0.05}),
+    'sam_gn': ('SAM on the group-normalised loss', {'optimizer.name': 'sam', **_GN},
+               {'optimizer.rho': 0.05}),
+    'imbsam': ('ImbSAM, batch-normalised (paper rule)', {'optimizer.name': 'imbsam'},
+               {'optimizer.tail_rho': 0.1}),
+    'imbsam_gn': ('ImbSAM, group-normalised (SSE-SAM repo baseline)',
+                  {'optimizer.name': 'imbsam', **_GROUP}, {'optimizer.tail_rho': 0.1}),
+    'sse_sam': ('SSE-SAM, gamma 0.7, batch-normalised (as published)',
+                {'optimizer.name': 'sse_sam'}, _SSE_RADII),
+    'sse_sam_gn': ('SSE-SAM, gamma 0.7, group-normalised', {'optimizer.name': 'sse_sam', **_GROUP},
+                   _SSE_RADII),
 }
-# The SAM variants of issue 16, each against exact SSE-SAM ('sse_sam') with the same seeds.
-VARIANT_RUNS = {
-    'sse_sam_looksam2': ('SSE-SAM, perturbed passes every 2nd step, LookSAM reuse (alpha 0.7)',
-                         {'optimizer.name': 'sse_sam', 'optimizer.sharpness_every': 2}),
-    'sse_sam_looksam5': ('SSE-SAM, perturbed passes every 5th step, LookSAM reuse (alpha 0.7)',
-                         {'optimizer.name': 'sse_sam', 'optimizer.sharpness_every': 5}),
-    'sse_sam_fraction05': ('SSE-SAM, perturbed passes on a random half of the steps, reuse',
-                           {'optimizer.name': 'sse_sam', 'optimizer.sharpness_fraction': 0.5}),
-    'sse_sam_reuse2m': ('SSE-SAM, perturbed passes every 2nd step, reuse at the measured scale',
-                        {'optimizer.name': 'sse_sam', 'optimizer.sharpness_every': 2,
-                         'optimizer.sharpness_scale': 'measured', 'optimizer.sharpness_alpha': 1.0}),
-    'sse_sam_reuse5m': ('SSE-SAM, perturbed passes every 5th step, reuse at the measured scale',
-                        {'optimizer.name': 'sse_sam', 'optimizer.sharpness_every': 5,
-                         'optimizer.sharpness_scale': 'measured', 'optimizer.sharpness_alpha': 1.0}),
-    'asam_sse_sam': ('SSE-SAM with ASAM ascent steps (eta 0.01), radii 0.5/1.0 (10x, as ASAM)',
-                     {'optimizer.name': 'sse_sam', 'optimizer.adaptive': True,
-                      'optimizer.head_rho': 0.5, 'optimizer.tail_rho': 1.0}),
-    'focal_sam': ('Focal-SAM rho 0.05, lambda 1, gamma 1 (one perturbed pass)',
-                  {'optimizer.name': 'focal_sam', 'optimizer.rho': 0.05}),
-    'shot_sam': ('Per-shot radii 0.05/0.075/0.1 (Many/Medium/Few; 3 perturbed passes)',
-                 {'optimizer.name': 'shot_sam'}),
-    'sse_sam_bn_last': ('SSE-SAM, BatchNorm running statistics from the last perturbed pass',
-                        {'optimizer.name': 'sse_sam', 'model.running_stats': 'last_perturbed'}),
+TUNED = tuple(m for m, (_, _, radii) in METHODS.items() if radii)
+# Fixed-configuration runs: reference radii, no grid.
+CONTROLS = {
+    'drw': ('SGD + DRW (class-balanced weights from epoch 32)', {'optimizer.name': 'sgd', **_DRW}),
+    'sam_drw': ('SAM 0.05 + DRW', {'optimizer.name': 'sam', **_DRW}),
+    'imbsam_drw': ('ImbSAM 0.1 (batch-normalised) + DRW', {'optimizer.name': 'imbsam', **_DRW}),
+    'sse_sam_drw': ('SSE-SAM 0.05/0.1 + DRW', {'optimizer.name': 'sse_sam', **_DRW}),
+    'ldam_drw': ('SGD + LDAM-DRW', {'optimizer.name': 'sgd', **_LDAM_DRW}),
+    'sam_ldam_drw': ('SAM 0.05 + LDAM-DRW', {'optimizer.name': 'sam', **_LDAM_DRW}),
+    'imbsam_ldam_drw': ('ImbSAM 0.1 + LDAM-DRW', {'optimizer.name': 'imbsam', **_LDAM_DRW}),
+    'sse_sam_ldam_drw': ('SSE-SAM 0.05/0.1 + LDAM-DRW', {'optimizer.name': 'sse_sam', **_LDAM_DRW}),
+    'sgd@flax_init': ("SGD, Flax's default init (the study v1 setup)",
+                      {'optimizer.name': 'sgd', 'model.init': 'flax'}),
+    'sse_sam@flax_init': ("SSE-SAM 0.05/0.1, Flax's default init (the study v1 setup)",
+                          {'optimizer.name': 'sse_sam', 'model.init': 'flax'}),
 }
-RUNS.update(VARIANT_RUNS)
-# Radius grids, trained with 10% of every class held out for validation; the radius is
-# chosen by mean validation accuracy (All) over seeds, never on the test set.
-GRIDS = {
-    'SAM rho': {f'sam_val_r{r}': r for r in (0.02, 0.05, 0.1)},
-    'SSE-SAM rho_tail (rho_head 0.05)': {f'sse_sam_val_rt{r}': r for r in (0.02, 0.05, 0.1)},
-}
-for _r in (0.02, 0.05, 0.1):
-  RUNS[f'sam_val_r{_r}'] = (f'SAM rho {_r} (val split held out)',
-                            {'optimizer.name': 'sam', 'optimizer.rho': _r,
-                             'data.val_fraction': 0.1})
-  RUNS[f'sse_sam_val_rt{_r}'] = (f'SSE-SAM rho_tail {_r} (val split held out)',
-                                 {'optimizer.name': 'sse_sam', 'optimizer.tail_rho': _r,
-                                  'data.val_fraction': 0.1})
-RUNS['sgd_val'] = ('SGD (val split held out)', {'optimizer.name': 'sgd', 'data.val_fraction': 0.1})
-HESSIAN_RUNS = ('sgd', 'sam', 'imbsam_group', 'sse_sam', 'sse_sam_group')
 
 
-def config_for(setting: str, run: str, seed: int, hessian: bool):
-  from sse_sam_jax.train.config import default_config
+def config_name(method: str, scale: float = 1.0, gamma: float | None = None) -> str:
+  """``sam`` (reference radius), ``sam@x0.5``, ``sse_sam@x2@g0.9``."""
+  name = method if scale == 1.0 else f'{method}@x{scale:g}'
+  return name if gamma is None else f'{name}@g{gamma:g}'
+
+
+def parse_name(name: str) -> tuple[str, float, float | None]:
+  method, scale, gamma = name.split('@')[0], 1.0, None
+  for part in name.split('@')[1:]:
+    if part.startswith('x'):
+      scale = float(part[1:])
+    elif part.startswith('g'):
+      gamma = float(part[1:])
+  return method, scale, gamma
+
+
+def overrides(run: str) -> tuple[str, dict]:
+  """The description and config overrides of a run name."""
+  if run in CONTROLS:
+    return CONTROLS[run]
+  method, scale, gamma = parse_name(run)
+  if method not in METHODS:
+    raise ValueError(f'unknown run {run!r}')
+  desc, extra, radii = METHODS[method]
+  extra = dict(extra)
+  if radii:
+    extra.update({k: v * scale for k, v in radii.items()})
+    desc += ', radius ' + '/'.join(f'{v * scale:g}' for v in radii.values())
+  if gamma is not None:
+    extra['optimizer.gamma'] = gamma
+    desc = desc.replace('gamma 0.7', f'gamma {gamma:g}')
+  return desc, extra
+
+
+def config_for(setting: str, run: str, seed: int, *, extra=None, common=None):
+  """The run's config; ``extra``/``common`` replace the run's own overrides and
+  :data:`COMMON` (the variants study of issue 16 ran without ``COMMON``)."""
+  from sse_sam_jax.train.config import default_config  # pylint: disable=g-import-not-at-top
   c = default_config()
   c.seed = seed
   c.eval.every_epochs = 40
   c.checkpoint.every_epochs = 10
   c.checkpoint.keep = 1
-  for key, value in {**SETTINGS[setting], **RUNS[run][1]}.items():
+  c.compilation_cache_dir = str(RUNS_DIR / 'compilation_cache')  # shared: seeds reuse programs
+  extra = overrides(run)[1] if extra is None else extra
+  for key, value in {**SETTINGS[setting], **(COMMON if common is None else common),
+                     **extra}.items():
     node = c
     *parents, leaf = key.split('.')
     for p in parents:
       node = node[p]
     node[leaf] = value
-  if hessian:
-    c.hessian.update(every_epochs=5, max_examples=1024, lanczos_iters=12)
   return c
 
 
-def run_all(setting: str, seeds, only=None):
-  from sse_sam_jax.train import trainer
-  names = only or list(RUNS)
-  for seed in seeds:
-    for name in names:
-      workdir = RUNS_DIR / setting / name / f'seed{seed}'
-      if (workdir / 'results.json').exists():
-        continue
-      hessian = seed == 0 and name in HESSIAN_RUNS
-      t0 = time.perf_counter()
-      result = trainer.train(config_for(setting, name, seed, hessian), workdir, progress=False)
-      m = result['test']
-      print(f"{setting} {name} seed {seed}: All {100 * m['all']:.2f} Few {100 * m['few']:.2f} "
-            f"({time.perf_counter() - t0:.0f}s)", flush=True)
+# ----------------------------------------------------------------------------
+# Results on disk
+# ----------------------------------------------------------------------------
+def result_path(setting: str, run: str, seed: int, root=RUNS_DIR) -> pathlib.Path:
+  return root / setting / run / f'seed{seed}' / 'results.json'
 
 
-def load(setting: str):
+def load(setting: str, root=RUNS_DIR, runs=None) -> dict:
+  """``{run: {seed: results.json}}`` of every finished run (of ``runs`` if given)."""
   out = {}
-  for name in RUNS:
-    for path in sorted((RUNS_DIR / setting / name).glob('seed*/results.json')):
-      r = json.loads(path.read_text())
-      out.setdefault(name, {})[int(path.parent.name[4:])] = r
+  base = root / setting
+  names = runs if runs is not None else sorted(p.name for p in base.glob('*') if p.is_dir())
+  for name in names:
+    for path in sorted((base / name).glob('seed*/results.json')):
+      out.setdefault(name, {})[int(path.parent.name[4:])] = json.loads(path.read_text())
   return out
+
+
+def val_score(result: dict) -> float:
+  """Balanced (mean per-class) validation accuracy: the selection score."""
+  return float(result['val']['balanced'])
+
+
+def chosen_scale(setting: str, method: str) -> float | None:
+  """The grid point with the best mean validation score over the tuning seeds;
+  ``None`` until every tuning run of ``method`` has finished."""
+  scores = {}
+  for scale in RADIUS_SCALES:
+    paths = [result_path(setting, config_name(method, scale), s) for s in TUNE_SEEDS]
+    if not all(p.exists() for p in paths):
+      return None
+    scores[scale] = np.mean([val_score(json.loads(p.read_text())) for p in paths])
+  return max(scores, key=scores.get)
+
+
+def chosen_gamma(setting: str, scale: float) -> float | None:
+  scores = {}
+  for gamma in (0.7,) + GAMMAS:
+    name = config_name('sse_sam', scale, None if gamma == 0.7 else gamma)
+    paths = [result_path(setting, name, s) for s in TUNE_SEEDS]
+    if not all(p.exists() for p in paths):
+      return None
+    scores[gamma] = np.mean([val_score(json.loads(p.read_text())) for p in paths])
+  return max(scores, key=scores.get)
+
+
+def jobs(parts) -> list[tuple[str, str, int]]:
+  """The queue, in order: ``(setting, run, seed)``; parts of ``final`` appear once the
+  tuning runs they depend on have finished."""
+  out = []
+  if 'offset' in parts:
+    for setting in ('B', 'A'):
+      for run in ('sgd', 'sgd@flax_init'):
+        out += [(setting, run, s) for s in SEEDS]
+  if 'tune' in parts:
+    for scale in (1.0, 0.5, 2.0):
+      for method in TUNED:
+        out += [('B', config_name(method, scale), s) for s in TUNE_SEEDS]
+    out += [('B', 'sgd_gn', s) for s in SEEDS]
+  if 'final' in parts:
+    for method in TUNED:
+      scale = chosen_scale('B', method)
+      if scale is not None:
+        out += [('B', config_name(method, scale), s) for s in SEEDS]
+        if method == 'sse_sam':
+          out += [('B', config_name(method, scale, g), s) for g in GAMMAS for s in TUNE_SEEDS]
+          gamma = chosen_gamma('B', scale)
+          if gamma is not None and gamma != 0.7:
+            out += [('B', config_name(method, scale, gamma), s) for s in SEEDS]
+  if 'controls' in parts:
+    out += [('B', run, s) for run in CONTROLS if '@' not in run for s in CONTROL_SEEDS]
+    for run in ('sse_sam', 'sse_sam@flax_init', 'imbsam_gn', 'sgd_gn', 'imbsam', 'sam',
+                'sse_sam_gn', 'sam_gn'):
+      out += [('A', run, s) for s in CONTROL_SEEDS]
+  return out
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except OSError as e:
+    return e.errno == errno.EPERM
+  return True
+
+
+def claim(workdir: pathlib.Path) -> bool:
+  """Takes the run for this process (an exclusive ``.claim`` file with its pid)."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / '.claim'
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      try:
+        pid = int(path.read_text() or 0)
+      except (OSError, ValueError):
+        pid = 0
+      if pid and _pid_alive(pid):
+        return False
+      path.unlink(missing_ok=True)  # a dead worker's claim
+      continue
+    with os.fdopen(fd, 'w') as f:
+      f.write(str(os.getpid()))
+    return True
+  return False
+
+
+def work(parts) -> None:
+  """One worker: takes unclaimed runs from the queue until none is left."""
+  from sse_sam_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  while True:
+    queue = [j for j in jobs(parts) if not result_path(*j).exists()]
+    if not queue:
+      return
+    for setting, run, seed in queue:
+      workdir = RUNS_DIR / setting / run / f'seed{seed}'
+      if claim(workdir):
+        break
+    else:  # every pending run is someone else's; later ones may appear when they finish
+      time.sleep(10)
+      continue
+    try:
+      t0 = time.perf_counter()
+      result = trainer.train(config_for(setting, run, seed), workdir, progress=False)
+      m = result['test']
+      print(f"{setting} {run} seed {seed}: All {100 * m['all']:.2f} Few {100 * m['few']:.2f} "
+            f"val {100 * val_score(result):.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    finally:
+      (workdir / '.claim').unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------
+# Per-seed table
+# ----------------------------------------------------------------------------
+CSV_FIELDS = ('setting', 'run', 'method', 'radius_scale', 'gamma', 'seed', 'many', 'medium',
+              'few', 'all', 'balanced', 'val_balanced', 'val_few', 'train_seconds',
+              'description', 'overrides')
+
+
+def rows(setting: str) -> list[dict]:
+  out = []
+  for run, per_seed in load(setting).items():
+    if run == 'compilation_cache':
+      continue
+    method, scale, gamma = parse_name(run)
+    desc, extra = overrides(run)
+    for seed, r in sorted(per_seed.items()):
+      test, val = r['test'], r.get('val') or {}
+      out.append(dict(
+          setting=setting, run=run, method=method, radius_scale=scale,
+          gamma=gamma if gamma is not None else extra.get('optimizer.gamma', ''), seed=seed,
+          many=100 * test['many'], medium=100 * test['medium'], few=100 * test['few'],
+          all=100 * test['all'], balanced=100 * test['balanced'],
+          val_balanced=100 * val['balanced'] if val else '',
+          val_few=100 * val['few'] if val else '', train_seconds=r['train_seconds'],
+          description=desc, overrides=json.dumps(extra, sort_keys=True)))
+  return out
+
+
+def write_csv() -> None:
+  for setting in SETTINGS:
+    table = rows(setting)
+    if not table:
+      continue
+    path = RESULTS / f'study_{setting}.csv'
+    with path.open('w', newline='') as f:
+      writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+      writer.writeheader()
+      writer.writerows(sorted(table, key=lambda r: (r['run'], r['seed'])))
+    print(f'wrote {path} ({len(table)} runs)')
+
+
+PARTS = ('offset', 'tune', 'final', 'controls')
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser()
-  parser.add_argument('command', choices=('run',), help='the report: experiments/report.py')
-  parser.add_argument('--setting', default='B', choices=tuple(SETTINGS))
-  parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-  parser.add_argument('--only', nargs='+', default=None, choices=tuple(RUNS))
+  parser.add_argument('command', choices=('run', 'work', 'csv', 'queue'))
+  parser.add_argument('--parts', nargs='+', default=list(PARTS), choices=PARTS)
+  parser.add_argument('--workers', type=int, default=2)
   args = parser.parse_args(argv)
-  run_all(args.setting, args.seeds, args.only)
+  if args.command == 'csv':
+    write_csv()
+  elif args.command == 'queue':
+    for j in jobs(args.parts):
+      print(*j, 'done' if result_path(*j).exists() else '')
+  elif args.command == 'work':
+    work(args.parts)
+  else:
+    t0 = time.perf_counter()
+    cmd = [sys.executable, __file__, 'work', '--parts', *args.parts]
+    procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
+    codes = [p.wait() for p in procs]
+    print(f'study: {time.perf_counter() - t0:.0f}s wall with {args.workers} workers; '
+          f'exit codes {codes}')
+    write_csv()
+    sys.exit(max(codes))
 
 
 if __name__ == '__main__':

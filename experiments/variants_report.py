@@ -1,9 +1,11 @@
 """The SAM variants (issue 16) against exact SSE-SAM on the offline benchmark, setting B.
 
-  python experiments/study.py run --setting B --seeds 0 1 2 3 4 \
-      --only sgd sse_sam sse_sam_looksam2 sse_sam_looksam5 sse_sam_fraction05 \
-             asam_sse_sam focal_sam shot_sam
+  python experiments/variants_report.py run --seeds 0 1 2 3 4 [--only sse_sam focal_sam]
   python experiments/variants_report.py
+
+These runs use the offline benchmark's config as it stood for the first study (Flax's
+default initialisation, no validation split), not the study v2 overrides, so that the
+committed rows stay reproducible; they live in ``runs/variants/B``.
 
 Writes ``experiments/results/variants_B.csv`` (one row per run and seed: the report is
 computed from it alone) and ``experiments/results/VARIANTS.md``: per-method means, and
@@ -13,17 +15,46 @@ for every variant the paired difference to exact SSE-SAM over the same seeds wit
 
 from __future__ import annotations
 
+import argparse
 import csv
 import pathlib
 import sys
+import time
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from study import RESULTS, RUNS, VARIANT_RUNS, load  # pylint: disable=wrong-import-position
+from study import RESULTS, VARIANTS_DIR, config_for, load  # pylint: disable=wrong-import-position
 
 SETTING = 'B'
 REFERENCE = 'sse_sam'
+VARIANT_RUNS = {
+    'sse_sam_looksam2': ('SSE-SAM, perturbed passes every 2nd step, LookSAM reuse (alpha 0.7)',
+                         {'optimizer.name': 'sse_sam', 'optimizer.sharpness_every': 2}),
+    'sse_sam_looksam5': ('SSE-SAM, perturbed passes every 5th step, LookSAM reuse (alpha 0.7)',
+                         {'optimizer.name': 'sse_sam', 'optimizer.sharpness_every': 5}),
+    'sse_sam_fraction05': ('SSE-SAM, perturbed passes on a random half of the steps, reuse',
+                           {'optimizer.name': 'sse_sam', 'optimizer.sharpness_fraction': 0.5}),
+    'sse_sam_reuse2m': ('SSE-SAM, perturbed passes every 2nd step, reuse at the measured scale',
+                        {'optimizer.name': 'sse_sam', 'optimizer.sharpness_every': 2,
+                         'optimizer.sharpness_scale': 'measured', 'optimizer.sharpness_alpha': 1.0}),
+    'sse_sam_reuse5m': ('SSE-SAM, perturbed passes every 5th step, reuse at the measured scale',
+                        {'optimizer.name': 'sse_sam', 'optimizer.sharpness_every': 5,
+                         'optimizer.sharpness_scale': 'measured', 'optimizer.sharpness_alpha': 1.0}),
+    'asam_sse_sam': ('SSE-SAM with ASAM ascent steps (eta 0.01), radii 0.5/1.0 (10x, as ASAM)',
+                     {'optimizer.name': 'sse_sam', 'optimizer.adaptive': True,
+                      'optimizer.head_rho': 0.5, 'optimizer.tail_rho': 1.0}),
+    'focal_sam': ('Focal-SAM rho 0.05, lambda 1, gamma 1 (one perturbed pass)',
+                  {'optimizer.name': 'focal_sam', 'optimizer.rho': 0.05}),
+    'shot_sam': ('Per-shot radii 0.05/0.075/0.1 (Many/Medium/Few; 3 perturbed passes)',
+                 {'optimizer.name': 'shot_sam'}),
+    'sse_sam_bn_last': ('SSE-SAM, BatchNorm running statistics from the last perturbed pass',
+                        {'optimizer.name': 'sse_sam', 'model.running_stats': 'last_perturbed'}),
+}
+RUNS = {'sgd': ('SGD', {'optimizer.name': 'sgd'}),
+        REFERENCE: ('SSE-SAM 0.05/0.1, gamma 0.7 (batch-normalised, as published)',
+                    {'optimizer.name': 'sse_sam'}),
+        **VARIANT_RUNS}
 METHODS = ('sgd', REFERENCE) + tuple(VARIANT_RUNS)
 METRICS = ('many', 'medium', 'few', 'all', 'balanced')
 # Two-sided 95% quantiles of Student's t, by degrees of freedom.
@@ -90,9 +121,30 @@ def report(rows) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def main():
+def run(seeds, only=None) -> None:
+  from sse_sam_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  for seed in seeds:
+    for name in only or METHODS:
+      workdir = VARIANTS_DIR / SETTING / name / f'seed{seed}'
+      if (workdir / 'results.json').exists():
+        continue
+      t0 = time.perf_counter()
+      result = trainer.train(config_for(SETTING, name, seed, extra=RUNS[name][1], common={}),
+                             workdir, progress=False)
+      print(f"{name} seed {seed}: All {100 * result['test']['all']:.2f} "
+            f"({time.perf_counter() - t0:.0f}s)", flush=True)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument('command', nargs='?', default='report', choices=('report', 'run'))
+  parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4])
+  parser.add_argument('--only', nargs='+', default=None, choices=METHODS)
+  args = parser.parse_args(argv)
+  if args.command == 'run':
+    run(args.seeds, args.only)
   csv_path = RESULTS / f'variants_{SETTING}.csv'
-  runs = load(SETTING)
+  runs = load(SETTING, VARIANTS_DIR, METHODS)
   if any(runs.get(n) for n in METHODS):  # fresh runs on disk: rewrite the table from them
     rows = rows_from_runs(runs)
     with csv_path.open('w', newline='') as f:

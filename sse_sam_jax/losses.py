@@ -40,6 +40,24 @@ def apply_class_weights(losses, labels, class_weights, normalize_weights: bool =
   return w * losses
 
 
+def group_normalize(losses, group_ids, num_groups: int = 2):
+  r"""Rescales per-example losses so that their batch mean is the group-normalised loss.
+
+  Example :math:`i` of group :math:`g` gets :math:`\ell_i \cdot B / n_g`, :math:`n_g` the
+  group's size in the batch, so :math:`\frac1B\sum_i = \sum_g \frac{1}{n_g}\sum_{i\in g}
+  \ell_i`: the loss ImbSAM's ``normalization='group'`` sums, here for any optimizer
+  (plain SGD on it is ImbSAM with radius 0; SAM on it perturbs along its gradient).
+  Every example's group is non-empty, so nothing divides by zero.
+
+  >>> import jax.numpy as jnp
+  >>> group_normalize(jnp.array([1.0, 1.0, 1.0, 4.0]), jnp.array([0, 0, 0, 1])).tolist()
+  [1.3333333730697632, 1.3333333730697632, 1.3333333730697632, 16.0]
+  """
+  onehot = group_ids[:, None] == jnp.arange(num_groups)[None, :]
+  sizes = jnp.sum(onehot, axis=0).astype(losses.dtype)
+  return losses * (losses.shape[0] / sizes[group_ids])
+
+
 def ldam_margins(class_counts, max_margin: float = 0.5) -> np.ndarray:
   """LDAM margins ``m_c ∝ n_c^{-1/4}``, the largest equal to ``max_margin``."""
   counts = validate_class_counts(class_counts).astype(np.float64)

@@ -146,6 +146,25 @@ def test_mnist1d_offline_benchmark_small():
   assert abs(float(lt.train.x.mean())) < 1e-4
 
 
+def test_mnist1d_generated_validation_split_is_balanced_and_new():
+  lt = sources.mnist1d_long_tail(num_samples=4000, n_max=300, imbalance_factor=10,
+                                 val_generated=2000, val_seed=7)
+  counts = np.bincount(lt.val.label, minlength=10)
+  assert len(lt.val) == 2000 and counts.min() > 150  # about a tenth per class
+  assert lt.val.x.shape[1:] == lt.train.x.shape[1:] and lt.val.x.dtype == np.float32
+  # another draw of the generator: no validation input repeats a training input
+  train_rows = {row.tobytes() for row in lt.train.x}
+  assert not any(row.tobytes() in train_rows for row in lt.val.x)
+  # standardised with the training set's statistics, as the test split
+  plain = sources.mnist1d_long_tail(num_samples=4000, n_max=300, imbalance_factor=10)
+  np.testing.assert_array_equal(plain.train.x, lt.train.x)
+  np.testing.assert_array_equal(plain.test.x, lt.test.x)
+  with pytest.raises(ValueError, match='choose one validation split'):
+    sources.mnist1d_long_tail(num_samples=4000, n_max=300, val_generated=100, val_fraction=0.1)
+  with pytest.raises(ValueError, match='would repeat the training examples'):
+    sources.mnist1d_long_tail(num_samples=4000, n_max=300, val_generated=100, val_seed=42)
+
+
 def test_mnist1d_generated_once_then_loaded_from_the_disk_cache(tmp_path, monkeypatch):
   monkeypatch.setenv('SSE_SAM_JAX_CACHE', str(tmp_path))
   args = (1200, 3, 0.07)

@@ -66,3 +66,15 @@ def test_logit_adjusted_and_vs():
 def test_counts_validated():
   with pytest.raises(ValueError, match='positive'):
     losses.ldam_margins([10, 0])
+
+
+def test_group_normalize_gives_the_group_normalised_loss():
+  values = jnp.array([1.0, 2.0, 3.0, 4.0, 8.0])
+  groups = jnp.array([0, 0, 1, 0, 1])
+  out = losses.group_normalize(values, groups)
+  # batch mean = L_head / n_head + L_tail / n_tail
+  np.testing.assert_allclose(float(out.mean()), (1 + 2 + 4) / 3 + (3 + 8) / 2, rtol=1e-6)
+  # a batch with one group only: a plain mean, nothing divided by an empty group
+  only_head = losses.group_normalize(values, jnp.zeros(5, jnp.int32))
+  np.testing.assert_allclose(np.asarray(only_head), np.asarray(values), rtol=1e-6)
+  assert np.isfinite(np.asarray(only_head)).all()

@@ -58,3 +58,38 @@ def test_normed_classifier_outputs_cosines():
 def test_unknown_model():
   with pytest.raises(ValueError, match='Unknown model'):
     models.create('vgg', 10)
+
+
+def _leaves(params) -> dict:
+  """``{('conv1', 'kernel'): array}``: the parameter leaves by their names."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = tuple(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
+    out[names[:-1] if names[-1] == 'value' else names] = np.asarray(leaf)
+  return out
+
+
+@pytest.mark.parametrize('name,kw', [('conv1d', {}), ('mlp', {'in_features': 12})])
+def test_torch_init_draws_every_kernel_and_bias_in_pytorch_bounds(name, kw):
+  """PyTorch's default Conv/Linear init: kernel and bias uniform in +-1/sqrt(fan_in)."""
+  leaves = _leaves(models.create(name, 10, seed=3, init='torch', **kw)[1])
+  flax_leaves = _leaves(models.create(name, 10, seed=3, **kw)[1])
+  checked = 0
+  for path, value in leaves.items():
+    if path[-1] not in ('kernel', 'bias') or (path[:-1] + ('kernel',)) not in leaves:
+      continue
+    kernel = leaves[path[:-1] + ('kernel',)]
+    if kernel.ndim < 2:  # BatchNorm's scale/bias
+      continue
+    bound = int(np.prod(kernel.shape[:-1])) ** -0.5
+    assert 0.5 * bound < np.abs(value).max() <= bound, (path, bound)
+    checked += 1
+  assert checked >= 4
+  # the default keeps Flax's classifier: LeCun-normal kernel (3x the variance), zero bias
+  assert not flax_leaves[('head', 'bias')].any()
+  assert np.std(flax_leaves[('head', 'kernel')]) > 1.4 * np.std(leaves[('head', 'kernel')])
+
+
+def test_unknown_init():
+  with pytest.raises(ValueError, match='init must be one of'):
+    models.create('conv1d', 10, init='kaiming')

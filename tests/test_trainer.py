@@ -124,10 +124,16 @@ def test_resume_after_interruption_is_bit_identical(npz, tmp_path):
     ('optimizer.gamma', 1.5, r'gamma must lie in \[0, 1\]'),
     ('optimizer.tail_rho', -0.1, 'tail_rho must be >= 0'),
     ('eval.select_on', 'val', 'val_fraction > 0'),
+    ('data.val_generated', 500, 'is for mnist1d'),
+    ('model.init', 'kaiming', 'model.init must be one of'),
+    ('optimizer.normalization', 'group', None),  # + loss.group_normalised below
 ])
 def test_bad_config_rejected_before_compiling(npz, tmp_path, key, value, match):
+  overrides = {key: value}
+  if match is None:
+    overrides['loss.group_normalised'], match = True, 'normalises twice'
   with pytest.raises(ValueError, match=match):
-    trainer.train(small_config(npz, **{key: value}), tmp_path, progress=False)
+    trainer.train(small_config(npz, **overrides), tmp_path, progress=False)
   assert not (tmp_path / 'checkpoints').exists()
 
 

@@ -188,3 +188,23 @@ def test_asam_leaves_biases_of_flax_models_unscaled():
              for path, m in marks}
   assert by_name[('bn1', 'bias')] is False and by_name[('head', 'bias')] is False
   assert by_name[('bn1', 'scale')] is True and by_name[('conv1', 'kernel')] is True
+
+
+@pytest.mark.parametrize('plain,grouped', [
+    ({'optimizer.name': 'sgd'},
+     {'optimizer.name': 'imbsam', 'optimizer.tail_rho': 0.0, 'optimizer.normalization': 'group'}),
+    ({'optimizer.name': 'imbsam', 'optimizer.tail_rho': 0.1},
+     {'optimizer.name': 'imbsam', 'optimizer.tail_rho': 0.1, 'optimizer.normalization': 'group'}),
+], ids=['sgd_is_imbsam_rho0', 'imbsam_batch_is_imbsam_group'])
+def test_group_normalised_loss_equals_the_group_normalisation(npz, tmp_path, plain, grouped):
+  """``loss.group_normalised`` reweights the loss to ``L_H/n_H + L_T/n_T`` for any optimizer:
+  SGD on it trains as ImbSAM's reweighting control, and the batch-normalised group
+  methods on it as their ``normalization='group'`` form."""
+  runs = [trainer.train(small_config(npz, epochs=2, **extra), tmp_path / str(i), progress=False)
+          for i, extra in enumerate(({**plain, 'loss.group_normalised': True}, grouped))]
+  chex.assert_trees_all_close(jax.device_get(runs[0]['state'].params),
+                              jax.device_get(runs[1]['state'].params), rtol=2e-5, atol=2e-6)
+  plain_run = trainer.train(small_config(npz, epochs=2, **plain), tmp_path / 'p', progress=False)
+  with pytest.raises(AssertionError):  # the reweighting changes the training
+    chex.assert_trees_all_close(jax.device_get(plain_run['state'].params),
+                                jax.device_get(runs[0]['state'].params), rtol=2e-5, atol=2e-6)

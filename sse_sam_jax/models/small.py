@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from sse_sam_jax.models.resnet import batch_norm, classifier
+
+INITS = ('flax', 'torch')
+
+
+def _torch_init(fan_in: int) -> dict:
+  """PyTorch's default ``Conv``/``Linear`` init: kernel (kaiming_uniform with a=sqrt(5))
+  and bias both uniform in +-1/sqrt(fan_in)."""
+  bound = fan_in ** -0.5
+  return dict(kernel_init=nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform'),
+              bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+                  key, shape, dtype, -bound, bound))
+
+
+def _layer_init(init: str, fan_in: int) -> dict:
+  if init not in INITS:
+    raise ValueError(f'init must be one of {INITS}, got {init!r}.')
+  return _torch_init(fan_in) if init == 'torch' else {}
+
+
+def _classifier(in_features: int, num_classes: int, normed: bool, init: str, rngs: nnx.Rngs):
+  if normed or init == 'flax':
+    return classifier(in_features, num_classes, normed, rngs)
+  return nnx.Linear(in_features, num_classes, rngs=rngs, **_layer_init(init, in_features))
 
 
 class Conv1DNet(nnx.Module):
@@ -14,18 +38,26 @@ class Conv1DNet(nnx.Module):
   Conv1d(1,32,k5,p2)-BN-ReLU, Conv1d(32,32,k3,p1,s2)-BN-ReLU,
   Conv1d(32,64,k3,p1,s2)-BN-ReLU, global average pool, Dense(64, C). Input ``[B, L]``
   or ``[B, L, 1]``.
+
+  ``init='flax'`` (the default, as trained so far): convolution kernels as PyTorch's
+  default, the classifier kernel LeCun-normal (3x the variance of PyTorch's) and every
+  bias zero. ``init='torch'``: every kernel and bias as PyTorch's default Conv1d/Linear
+  (uniform in +-1/sqrt(fan_in)), the reference code's initialisation. The convolution
+  biases feed BatchNorm, which removes them; the classifier's are the ones that matter.
   """
 
   def __init__(self, num_classes: int, *, in_channels: int = 1,
-               normed_classifier: bool = False, rngs: nnx.Rngs):
-    # PyTorch's default Conv1d/Linear init (kaiming_uniform with a=sqrt(5)).
-    init = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-    layer = lambda i, o, k, s: nnx.Conv(i, o, (k,), (s,), padding=((k // 2, k // 2),),
-                                        kernel_init=init, rngs=rngs)
+               normed_classifier: bool = False, init: str = 'flax', rngs: nnx.Rngs):
+    torch_kernel = _torch_init(1)['kernel_init']
+
+    def layer(i, o, k, s):
+      kw = _layer_init(init, i * k) if init == 'torch' else dict(kernel_init=torch_kernel)
+      return nnx.Conv(i, o, (k,), (s,), padding=((k // 2, k // 2),), rngs=rngs, **kw)
+
     self.conv1, self.bn1 = layer(in_channels, 32, 5, 1), batch_norm(32, rngs)
     self.conv2, self.bn2 = layer(32, 32, 3, 2), batch_norm(32, rngs)
     self.conv3, self.bn3 = layer(32, 64, 3, 2), batch_norm(64, rngs)
-    self.head = classifier(64, num_classes, normed_classifier, rngs)
+    self.head = _classifier(64, num_classes, normed_classifier, init, rngs)
 
   def __call__(self, x):
     if x.ndim == 2:
@@ -37,17 +69,18 @@ class Conv1DNet(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """Dense-BN-ReLU layers and a linear classifier, for feature inputs ``[B, D]``."""
+  """Dense-BN-ReLU layers and a linear classifier, for feature inputs ``[B, D]``;
+  ``init`` as :class:`Conv1DNet`'s ('flax': Flax's defaults everywhere)."""
 
   def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (64,), *,
-               normed_classifier: bool = False, rngs: nnx.Rngs):
+               normed_classifier: bool = False, init: str = 'flax', rngs: nnx.Rngs):
     layers, norms, d = [], [], in_features
     for h in hidden:
-      layers.append(nnx.Linear(d, h, rngs=rngs))
+      layers.append(nnx.Linear(d, h, rngs=rngs, **_layer_init(init, d)))
       norms.append(batch_norm(h, rngs))
       d = h
     self.layers, self.norms = nnx.List(layers), nnx.List(norms)
-    self.head = classifier(d, num_classes, normed_classifier, rngs)
+    self.head = _classifier(d, num_classes, normed_classifier, init, rngs)
 
   def __call__(self, x):
     x = x.reshape(x.shape[0], -1)

@@ -15,6 +15,7 @@ from sse_sam_jax.models import MODELS
 from sse_sam_jax.optim import NORMALIZATIONS
 from sse_sam_jax.train.schedules import SCHEDULES
 from sse_sam_jax.train.sharding import PARAMETER_SHARDINGS
+from sse_sam_jax.models.small import INITS as MODEL_INITS
 from sse_sam_jax.train.step import RUNNING_STATS
 
 DATASETS = ('mnist1d', 'cifar10', 'cifar100', 'npz', 'imagenet_lt', 'inaturalist2018')
@@ -30,16 +31,24 @@ def default_config() -> ml_collections.ConfigDict:
   c.epochs = 40
   c.data = ml_collections.ConfigDict(dict(
       name='mnist1d', imbalance_factor=100.0, profile='exp', selection='shuffle',
-      iid_noise_scale=0.07, num_samples=62500, n_max=5000, val_fraction=0.0, data_dir='', npz_path='',
+      iid_noise_scale=0.07, num_samples=62500, n_max=5000, val_fraction=0.0,
+      # mnist1d only: a balanced validation split of this many freshly generated examples
+      # (another generator seed), instead of a share of the long-tailed train set.
+      val_generated=0, data_dir='', npz_path='',
       train_list='', test_list='', image_size=224,
       batch_size=128, drop_remainder=False, num_workers=0, augment=False, shots='mnist1d'))
   # running_stats: BatchNorm running statistics from the 'clean' pass (default) or from
   # the step's 'last_perturbed' pass (what the authors' PyTorch loop folds in last).
+  # init: 'flax' (Flax's defaults: LeCun-normal dense kernels, zero biases) or 'torch'
+  # (PyTorch's: every kernel and bias uniform in +-1/sqrt(fan_in)); conv1d and mlp only.
   c.model = ml_collections.ConfigDict(dict(name='conv1d', normed_classifier=False,
-                                           running_stats='clean'))
+                                           running_stats='clean', init='flax'))
   c.loss = ml_collections.ConfigDict(dict(
       name='ce', drw_epoch=-1, drw_beta=0.9999, ldam_max_margin=0.5, ldam_scale=30.0,
-      tau=1.0, vs_gamma=0.2))
+      tau=1.0, vs_gamma=0.2,
+      # True: every example's loss x B / (its head/tail group's size in the batch), the
+      # group-normalised loss for any optimizer (SGD on it = ImbSAM with radius 0).
+      group_normalised=False))
   c.optimizer = ml_collections.ConfigDict(dict(
       name='sse_sam', rho=0.05, head_rho=0.05, tail_rho=0.1, gamma=0.7, eta=1000.0,
       normalization='batch', tail_weight=1.0,
@@ -142,11 +151,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.data.imbalance_factor >= 1,
         f'data.imbalance_factor must be >= 1, got {c.data.imbalance_factor}.')
   check(0 <= c.data.val_fraction < 1, 'data.val_fraction must lie in [0, 1).')
+  check(int(c.data.val_generated) == c.data.val_generated and c.data.val_generated >= 0,
+        f'data.val_generated must be an integer >= 0, got {c.data.val_generated}.')
+  check(not c.data.val_generated or (c.data.name == 'mnist1d' and not c.data.val_fraction),
+        'data.val_generated is for mnist1d and excludes data.val_fraction.')
+  check(not (c.loss.group_normalised and o.normalization == 'group'),
+        "loss.group_normalised with optimizer.normalization='group' normalises twice; the "
+        "group methods with normalization='batch' on the group-normalised loss are already "
+        "their 'group' form.")
+  check(c.model.init in MODEL_INITS, f'model.init must be one of {MODEL_INITS}, got '
+        f'{c.model.init!r}.')
+  check(c.model.init == 'flax' or c.model.name in ('conv1d', 'mlp'),
+        f"model.init='torch' is available for conv1d and mlp, not {c.model.name!r}.")
   check(c.eval.select_on in ('none', 'val', 'test'),
         "eval.select_on must be 'none', 'val' or 'test' (test-set selection is what the "
         "references do; use it only knowingly).")
-  check(c.eval.select_on != 'val' or c.data.val_fraction > 0,
-        "eval.select_on='val' needs data.val_fraction > 0.")
+  check(c.eval.select_on != 'val' or c.data.val_fraction > 0 or c.data.val_generated > 0,
+        "eval.select_on='val' needs data.val_fraction > 0 or data.val_generated > 0.")
   check(c.data.name != 'npz' or c.data.npz_path, "data.name='npz' needs data.npz_path.")
   check(c.data.name != 'imagenet_lt' or (c.data.train_list and c.data.test_list),
         "data.name='imagenet_lt' needs data.train_list and data.test_list (the ImageNet-LT "

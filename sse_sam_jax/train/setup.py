@@ -37,7 +37,8 @@ def build_data(c) -> data_lib.LongTailData:
     return data_lib.mnist1d_long_tail(iid_noise_scale=d.iid_noise_scale,
                                       imbalance_factor=d.imbalance_factor,
                                       num_samples=d.num_samples, n_max=d.n_max,
-                                      val_fraction=d.val_fraction)
+                                      val_fraction=d.val_fraction,
+                                      val_generated=d.val_generated)
   if d.name in ('cifar10', 'cifar100'):
     lt = data_lib.tfds_long_tail(d.name, d.imbalance_factor, data_dir=d.data_dir or None,
                                  profile=d.profile, selection=d.selection,
@@ -67,7 +68,8 @@ def class_stats(c, train: data_lib.Split) -> data_lib.ClassStats:
 
 
 def build_loss(c, stats: data_lib.ClassStats, steps_per_epoch: int):
-  """Per-example loss ``(logits, labels, step) -> [B]``; DRW switches on by step."""
+  """Per-example loss ``(logits, labels, step) -> [B]``; DRW switches on by step;
+  ``loss.group_normalised`` rescales it to the head/tail group-normalised loss."""
   l = c.loss
   weights = None
   if l.drw_epoch >= 0:
@@ -76,7 +78,7 @@ def build_loss(c, stats: data_lib.ClassStats, steps_per_epoch: int):
     weights = lambda step: jnp.where(step >= drw_step, cb, jnp.ones_like(cb))
   margins = losses_lib.ldam_margins(stats.counts, l.ldam_max_margin)
 
-  def loss(logits, labels, step):
+  def per_example(logits, labels, step):
     w = None if weights is None else weights(step)
     if l.name == 'ce':
       return losses_lib.cross_entropy(logits, labels, w)
@@ -87,7 +89,12 @@ def build_loss(c, stats: data_lib.ClassStats, steps_per_epoch: int):
     if l.name == 'vs':
       return losses_lib.vector_scaling(logits, labels, stats.counts, l.vs_gamma, l.tau, w)
     raise ValueError(l.name)
-  return loss
+
+  if l.group_normalised:
+    is_tail = jnp.asarray(stats.class_groups(c.optimizer.eta))  # 0 head, 1 tail
+    return lambda logits, labels, step: losses_lib.group_normalize(
+        per_example(logits, labels, step), is_tail[labels])
+  return per_example
 
 
 def sharpness_steps(c) -> ssj.SharpnessSteps | None:
@@ -260,6 +267,8 @@ def prepare(c) -> Run:
   check_batch_sizes(c, spec.batch_sizes(len(lt.train)), mesh.devices.size)
 
   model_kw = dict(normed_classifier=c.model.normed_classifier)
+  if c.model.name in ('conv1d', 'mlp'):
+    model_kw['init'] = c.model.init
   if c.model.name == 'mlp':
     model_kw['in_features'] = int(np.prod(lt.train.x.shape[1:]))
   model, params, batch_stats = models.create(c.model.name, lt.train.num_classes, seed=c.seed,
