@@ -14,8 +14,9 @@ skipped once that file exists; a worker claims a run with an exclusive ``.claim`
 queue and an interrupted sweep resumes where it stopped.
 
 Parts (in queue order):
-  offset    SGD with the study's init and with Flax's, 10 seeds, settings B and A: the
-            offset from the anchor (shared/offline_benchmark.md), one change at a time.
+  offset    SGD with the study's init and with Flax's, 10 seeds, settings B and A, and
+            SSE-SAM in A, 5 seeds: the offset from the anchor (shared/offline_benchmark.md),
+            one change at a time.
   tune      every SAM-family method on 3 radii (the reference radius x 0.5, 1, 2) with
             seeds 0-2; the reweighting controls with 10 seeds.
   final     each method's radius chosen by mean validation balanced accuracy over the
@@ -135,7 +136,7 @@ def config_for(setting: str, run: str, seed: int, *, extra=None, common=None):
   c.seed = seed
   c.eval.every_epochs = 40
   c.checkpoint.every_epochs = 10
-  c.checkpoint.keep = 1
+  c.checkpoint.keep = 4  # epochs 10, 20, 30, 40: the Hessian analysis reads them
   c.compilation_cache_dir = str(RUNS_DIR / 'compilation_cache')  # shared: seeds reuse programs
   extra = overrides(run)[1] if extra is None else extra
   for key, value in {**SETTINGS[setting], **(COMMON if common is None else common),
@@ -202,6 +203,8 @@ def jobs(parts) -> list[tuple[str, str, int]]:
     for setting in ('B', 'A'):
       for run in ('sgd', 'sgd@flax_init'):
         out += [(setting, run, s) for s in SEEDS]
+    for run in ('sse_sam', 'sse_sam@flax_init'):  # the largest offset of study v1
+      out += [('A', run, s) for s in CONTROL_SEEDS]
   if 'tune' in parts:
     for scale in (1.0, 0.5, 2.0):
       for method in TUNED:
@@ -219,8 +222,7 @@ def jobs(parts) -> list[tuple[str, str, int]]:
             out += [('B', config_name(method, scale, gamma), s) for s in SEEDS]
   if 'controls' in parts:
     out += [('B', run, s) for run in CONTROLS if '@' not in run for s in CONTROL_SEEDS]
-    for run in ('sse_sam', 'sse_sam@flax_init', 'imbsam_gn', 'sgd_gn', 'imbsam', 'sam',
-                'sse_sam_gn', 'sam_gn'):
+    for run in ('imbsam_gn', 'sgd_gn', 'imbsam', 'sam', 'sse_sam_gn', 'sam_gn'):
       out += [('A', run, s) for s in CONTROL_SEEDS]
   return out
 
@@ -272,6 +274,9 @@ def work(parts) -> None:
     try:
       t0 = time.perf_counter()
       result = trainer.train(config_for(setting, run, seed), workdir, progress=False)
+      if 'test' not in result:  # SIGTERM: checkpointed; the next worker resumes it
+        print(f'{setting} {run} seed {seed}: stopped at step {result["stopped_at"]}', flush=True)
+        return
       m = result['test']
       print(f"{setting} {run} seed {seed}: All {100 * m['all']:.2f} Few {100 * m['few']:.2f} "
             f"val {100 * val_score(result):.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)

@@ -82,12 +82,12 @@ class Checkpoints:
         meta=ocp.args.JsonRestore()))
     return restored['state'], restored['data'], restored['meta']
 
-  def restore_model(self, state, which='last') -> dict:
+  def restore_model(self, state, which='last', step: int | None = None) -> dict:
     """The step, parameters and BatchNorm statistics alone, placed like ``state``'s;
     the optimizer state is not read, so the checkpoint of any optimizer or
     perturbation scope with the same model fits. Returns ``{'step', 'params',
-    'batch_stats'}``."""
-    manager, step = self._newest(which)
+    'batch_stats'}``; ``step`` picks one of ``last``'s kept checkpoints."""
+    manager, step = self._newest(which, step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {
         'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats})
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(

@@ -126,9 +126,10 @@ def finished_result(workdir) -> dict | None:
   return dict(result, already_finished=True)
 
 
-def restore_model(c, workdir, which: str = 'last'):
+def restore_model(c, workdir, which: str = 'last', step: int | None = None):
   """``(run, {'step', 'params', 'batch_stats'}, meta)`` of the ``which`` checkpoint
-  ('last', or 'best' falling back to 'last'), for evaluation and analysis. Only the
+  ('last', or 'best' falling back to 'last'; ``step``: that kept checkpoint of
+  'last'), for evaluation and analysis. Only the
   model is read, so a checkpoint of any optimizer, perturbation scope or mesh fits a
   config with the same model; another model (by the signature saved with the
   checkpoint) is a ``ValueError``."""
@@ -139,13 +140,16 @@ def restore_model(c, workdir, which: str = 'last'):
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
   if which == 'best' and checkpoints.best.latest_step() is None:
     which = 'last'
-  meta = checkpoints.meta(which)
+  if step is not None and (which != 'last' or step not in checkpoints.steps()):
+    checkpoints.close()
+    raise UserError(f'no checkpoint of step {step} in {workdir}; kept: {checkpoints.steps()}.')
+  meta = checkpoints.meta(which, step)
   saved, ours = meta.get('model_signature'), model_signature(run.state)
   if saved is not None and saved != ours:
     checkpoints.close()
     raise ValueError(f'the checkpoint does not fit model {c.model.name!r} on {c.data.name!r} '
                      f'(model signature {saved}, this config\'s {ours}); was it written by '
                      'another config?')
-  state = checkpoints.restore_model(run.state, which)
+  state = checkpoints.restore_model(run.state, which, step)
   checkpoints.close()
   return run, state, dict(meta, checkpoint=which)

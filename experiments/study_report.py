@@ -1,0 +1,290 @@
+"""The study v2 report, computed from the committed per-seed CSVs alone.
+
+  python experiments/study.py csv        # results.json files -> study_<setting>.csv
+  python experiments/study_report.py     # study_<setting>.csv -> REPORT.md
+
+Every comparison is paired by training seed (same initialisation and batch order): the
+mean difference, its 95% t-interval, the seeds on which the first method is better, and
+the minimum detectable effect (MDE) of that many seeds (two-sided 5% test, 80% power,
+the observed spread of the differences). Methods with a radius are compared at the
+radius chosen on the validation split (``study.chosen_scale``), never on the test set.
+"""
+
+from __future__ import annotations
+
+import csv
+import pathlib
+import sys
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from study import (GAMMAS, METHODS, RADIUS_SCALES, RESULTS, TUNE_SEEDS,  # pylint: disable=wrong-import-position
+                   config_name)
+
+METRICS = ('many', 'medium', 'few', 'all')
+# The anchor: the authors' optimizers in PyTorch (shared/offline_benchmark.md), mean, std, n.
+ANCHOR = {
+    ('A', 'sgd'): dict(n=10, all=(92.80, 0.45), many=(99.64, 0.05), medium=(97.65, 0.18),
+                       few=(78.82, 1.39)),
+    ('A', 'sse_sam'): dict(n=10, all=(91.28, 0.50), many=(99.63, 0.07), medium=(98.26, 0.26),
+                           few=(73.15, 1.68)),
+    ('A', 'sam'): dict(n=10, all=(92.21, 0.53), many=(99.73, 0.05), medium=(97.78, 0.21),
+                       few=(76.61, 1.75)),
+    ('A', 'imbsam_gn'): dict(n=10, all=(96.17, 0.26), many=(99.04, 0.08), medium=(98.88, 0.17),
+                             few=(89.64, 0.88)),
+    ('A', 'sgd_gn'): dict(n=10, all=(95.73, 0.30), many=(99.39, 0.15), medium=(98.45, 0.22),
+                          few=(88.12, 1.05)),
+    ('B', 'sgd'): dict(n=3, all=(70.59, 0.50), many=(93.76, 0.09), medium=(73.56, 0.38),
+                       few=(36.92, 1.77)),
+    ('B', 'sam'): dict(n=3, all=(70.23, 0.29), many=(93.99, 0.34), medium=(73.48, 0.73),
+                       few=(35.51, 1.26)),
+    ('B', 'imbsam_gn'): dict(n=3, all=(78.68, 0.11), many=(88.85, 0.28), medium=(86.85, 0.38),
+                             few=(57.15, 0.49)),
+    ('B', 'sgd_gn'): dict(n=3, all=(77.21, 0.38), many=(90.22, 0.15), medium=(82.63, 0.72),
+                          few=(54.67, 0.87)),
+    ('B', 'sse_sam'): dict(n=3, all=(70.24, 0.42), many=(93.89, 0.11), medium=(75.28, 0.59),
+                           few=(33.81, 2.03)),
+    ('B', 'sse_sam_gn'): dict(n=3, all=(78.89, 0.36), many=(88.68, 0.26), medium=(86.61, 0.62),
+                              few=(58.37, 1.18)),
+}
+# (a, b, why): paired comparisons of the chosen configurations; a name may be a run.
+COMPARISONS = [
+    ('sse_sam', 'sam', "the paper's headline: SSE-SAM against SAM"),
+    ('sse_sam', 'imbsam', 'SSE-SAM against ImbSAM, batch-normalised (the paper rule)'),
+    ('sse_sam_gn', 'imbsam_gn', 'SSE-SAM against ImbSAM, group-normalised'),
+    ('sse_sam_gn', 'sam_gn', 'SSE-SAM against SAM on the group-normalised loss'),
+    ('sam', 'sgd', 'SAM against its control'),
+    ('imbsam', 'sgd', 'ImbSAM (batch) against its control'),
+    ('sse_sam', 'sgd', 'SSE-SAM (batch) against its control'),
+    ('sam_gn', 'sgd_gn', 'SAM (group-normalised loss) against its control'),
+    ('imbsam_gn', 'sgd_gn', 'ImbSAM (group) against its control'),
+    ('sse_sam_gn', 'sgd_gn', 'SSE-SAM (group) against its control'),
+    ('sgd_gn', 'sgd', 'the reweighting alone'),
+    ('drw', 'sgd', 'DRW alone'),
+    ('sam_drw', 'drw', 'SAM + DRW against DRW'),
+    ('imbsam_drw', 'drw', 'ImbSAM + DRW against DRW'),
+    ('sse_sam_drw', 'drw', 'SSE-SAM + DRW against DRW'),
+    ('sse_sam_drw', 'sam_drw', 'SSE-SAM + DRW against SAM + DRW'),
+    ('ldam_drw', 'sgd', 'LDAM-DRW alone'),
+    ('sam_ldam_drw', 'ldam_drw', 'SAM + LDAM-DRW against LDAM-DRW'),
+    ('imbsam_ldam_drw', 'ldam_drw', 'ImbSAM + LDAM-DRW against LDAM-DRW'),
+    ('sse_sam_ldam_drw', 'ldam_drw', 'SSE-SAM + LDAM-DRW against LDAM-DRW'),
+    ('sse_sam_ldam_drw', 'sam_ldam_drw', 'SSE-SAM + LDAM-DRW against SAM + LDAM-DRW'),
+]
+
+
+def read_csv(setting: str) -> list[dict]:
+  path = RESULTS / f'study_{setting}.csv'
+  if not path.exists():
+    return []
+  with path.open() as f:
+    out = []
+    for r in csv.DictReader(f):
+      for k in METRICS + ('balanced', 'train_seconds'):
+        r[k] = float(r[k])
+      for k in ('val_balanced', 'val_few'):
+        r[k] = float(r[k]) if r[k] else float('nan')
+      r['seed'] = int(r['seed'])
+      out.append(r)
+    return out
+
+
+def by_run(rows) -> dict:
+  out = {}
+  for r in rows:
+    out.setdefault(r['run'], {})[r['seed']] = r
+  return out
+
+
+def _ms(values) -> str:
+  v = np.asarray(values, float)
+  return f'{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}'
+
+
+def chosen(runs: dict, method: str) -> str | None:
+  """The grid point of ``method`` with the best mean validation score over the tuning
+  seeds (the rule of ``study.chosen_scale``), as a run name."""
+  scores = {}
+  for scale in RADIUS_SCALES:
+    per_seed = runs.get(config_name(method, scale), {})
+    if not all(s in per_seed for s in TUNE_SEEDS):
+      return None
+    scores[config_name(method, scale)] = np.mean([per_seed[s]['val_balanced']
+                                                  for s in TUNE_SEEDS])
+  return max(scores, key=scores.get)
+
+
+def resolve(runs: dict, name: str) -> str | None:
+  """A method's chosen run, or ``name`` itself when it is a run."""
+  if name in METHODS and METHODS[name][2]:
+    return chosen(runs, name)
+  return name if name in runs else None
+
+
+def paired(runs, a: str, b: str, metric: str):
+  """``(mean, low, high, n, better, mde)`` of ``a - b`` over shared seeds, or ``None``."""
+  seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+  if len(seeds) < 2:
+    return None
+  d = np.array([runs[a][s][metric] - runs[b][s][metric] for s in seeds])
+  n, sd = len(d), d.std(ddof=1)
+  t = scipy_stats.t.ppf(0.975, n - 1)
+  half = t * sd / np.sqrt(n)
+  mde = (t + scipy_stats.t.ppf(0.8, n - 1)) * sd / np.sqrt(n)
+  return d.mean(), d.mean() - half, d.mean() + half, n, int(np.sum(d > 0)), mde
+
+
+def _cell(p) -> str:
+  if p is None:
+    return 'n/a'
+  mean, low, high, n, better, mde = p
+  sig = '**' if low > 0 or high < 0 else ''
+  return f'{sig}{mean:+.2f} [{low:+.2f}, {high:+.2f}]{sig} {better}/{n}, MDE {mde:.2f}'
+
+
+def comparison_table(runs, comparisons) -> list[str]:
+  lines = ['| comparison (a − b) | runs | Few | All | Many | Medium |',
+           '| --- | --- | --- | --- | --- | --- |']
+  for a, b, why in comparisons:
+    ra, rb = resolve(runs, a), resolve(runs, b)
+    if ra is None or rb is None:
+      continue
+    cells = [_cell(paired(runs, ra, rb, m)) for m in ('few', 'all', 'many', 'medium')]
+    lines.append(f'| {why} | `{ra}` − `{rb}` | ' + ' | '.join(cells) + ' |')
+  return lines
+
+
+def method_table(runs, names) -> list[str]:
+  lines = ['| run | seeds | Many | Medium | Few | All | val balanced |',
+           '| --- | --- | --- | --- | --- | --- | --- |']
+  for name in names:
+    per_seed = runs.get(name)
+    if not per_seed:
+      continue
+    rs = list(per_seed.values())
+    val = [r['val_balanced'] for r in rs if not np.isnan(r['val_balanced'])]
+    lines.append(f'| `{name}` | {len(rs)} | ' +
+                 ' | '.join(_ms([r[m] for r in rs]) for m in METRICS) +
+                 f" | {_ms(val) if val else 'n/a'} |")
+  return lines
+
+
+def tuning_table(runs) -> list[str]:
+  lines = ['| method | radius | val balanced (seeds 0-2) | test Few (seeds 0-2) | '
+           'test All (seeds 0-2) | |', '| --- | --- | --- | --- | --- | --- |']
+  for method, (_, _, radii) in METHODS.items():
+    if not radii:
+      continue
+    pick = chosen(runs, method)
+    for scale in RADIUS_SCALES:
+      name = config_name(method, scale)
+      per_seed = runs.get(name, {})
+      rs = [per_seed[s] for s in TUNE_SEEDS if s in per_seed]
+      if not rs:
+        continue
+      radius = '/'.join(f'{v * scale:g}' for v in radii.values())
+      lines.append(f"| {method} | {radius} | {_ms([r['val_balanced'] for r in rs])} | "
+                   f"{_ms([r['few'] for r in rs])} | {_ms([r['all'] for r in rs])} | "
+                   f"{'chosen' if name == pick else ''} |")
+  return lines
+
+
+def gamma_table(runs) -> list[str]:
+  pick = chosen(runs, 'sse_sam')
+  if pick is None:
+    return []
+  scale = float(pick.split('@x')[1]) if '@x' in pick else 1.0
+  lines = ['| gamma | val balanced (seeds 0-2) | test Few (seeds 0-2) | test All (seeds 0-2) |',
+           '| --- | --- | --- | --- |']
+  found = False
+  for gamma in (0.5, 0.7, 0.9):
+    name = config_name('sse_sam', scale, None if gamma == 0.7 else gamma)
+    rs = [runs.get(name, {}).get(s) for s in TUNE_SEEDS]
+    if not all(rs):
+      continue
+    found = found or gamma in GAMMAS
+    lines.append(f"| {gamma} | {_ms([r['val_balanced'] for r in rs])} | "
+                 f"{_ms([r['few'] for r in rs])} | {_ms([r['all'] for r in rs])} |")
+  return lines if found else []
+
+
+def offset_table(setting, runs) -> list[str]:
+  """Ours (study init, and Flax's init) against the anchor: Welch 95% intervals."""
+  lines = [f'| run | metric | anchor (n) | ours, PyTorch init (n) | ours − anchor [95%] | '
+           f"ours, Flax init (n) | Flax − anchor [95%] |", '| --- | --- | --- | --- | --- | --- | --- |']
+  for (s, name), ref in ANCHOR.items():
+    if s != setting or name not in runs:
+      continue
+    for metric in ('all', 'few'):
+      cells = []
+      for run in (name, f'{name}@flax_init'):
+        v = np.array([r[metric] for r in runs.get(run, {}).values()])
+        if len(v) < 2:
+          cells += ['n/a', 'n/a']
+          continue
+        (m, sd), n = ref[metric], ref['n']
+        se2a, se2b = sd ** 2 / n, v.var(ddof=1) / len(v)
+        dof = (se2a + se2b) ** 2 / (se2a ** 2 / (n - 1) + se2b ** 2 / (len(v) - 1))
+        half = scipy_stats.t.ppf(0.975, dof) * np.sqrt(se2a + se2b)
+        diff = v.mean() - m
+        cells += [f'{_ms(v)} ({len(v)})', f'{diff:+.2f} [{diff - half:+.2f}, {diff + half:+.2f}]']
+      lines.append(f'| `{name}` | {metric} | {ref[metric][0]:.2f} ± {ref[metric][1]:.2f} '
+                   f"({ref['n']}) | " + ' | '.join(cells) + ' |')
+  return lines
+
+
+def write_report() -> str:
+  out = ['# Reproduction study v2: the offline long-tailed benchmark (MNIST-1D-LT)', '',
+         'Generated by `python experiments/study_report.py` from `study_B.csv` and '
+         '`study_A.csv` alone (one row per run and seed; `python experiments/study.py run` '
+         'makes the runs, `... csv` the files). Test accuracy of the final model in %, '
+         'mean ± std over training seeds; Many > 1000, Medium 200–1000, Few < 200 training '
+         'examples. Common to every run: the reference code\'s PyTorch initialisation '
+         '(`model.init=\'torch\'`) and a balanced validation split of 12,500 freshly generated '
+         'examples (`data.val_generated`), on which radii and gamma are chosen.', '',
+         'Paired cells: mean difference a − b [95% t-interval] (bold when it excludes 0), '
+         'seeds on which a is better / seeds, and the minimum detectable effect of that many '
+         'seeds (5% two-sided, 80% power, the observed spread).', '']
+  total = 0.0
+  for setting in ('B', 'A'):
+    rows = read_csv(setting)
+    if not rows:
+      continue
+    total += sum(r['train_seconds'] for r in rows)
+    runs = by_run(rows)
+    out += [f'## Setting {setting}', '']
+    out += ['### Offset from the anchor (one change: the initialisation)', '']
+    out += offset_table(setting, runs) + ['']
+    out += ['Paired by seed, the initialisation alone (PyTorch − Flax, same seeds):', '',
+            '| run | Few | All | Many | Medium |', '| --- | --- | --- | --- | --- |']
+    for name in ('sgd', 'sse_sam'):
+      if f'{name}@flax_init' in runs and name in runs:
+        out.append(f'| `{name}` | ' + ' | '.join(
+            _cell(paired(runs, name, f'{name}@flax_init', m))
+            for m in ('few', 'all', 'many', 'medium')) + ' |')
+    out += ['']
+    if setting == 'B':
+      out += ['### Radius chosen on validation (3 configurations per method)', '']
+      out += tuning_table(runs) + ['']
+      gamma = gamma_table(runs)
+      if gamma:
+        out += ['### SSE-SAM gamma at the chosen radii (chosen the same way)', ''] + gamma + ['']
+    names = [resolve(runs, m) for m in METHODS] + sorted(
+        n for n in runs if n not in METHODS and '@x' not in n and '@g' not in n)
+    out += ['### Methods (chosen configurations; controls at reference radii)', '']
+    out += method_table(runs, [n for n in dict.fromkeys(names) if n]) + ['']
+    out += ['### Paired comparisons', ''] + comparison_table(runs, COMPARISONS) + ['']
+  out += [f'Compute: {total / 3600:.2f} hours of training summed over runs; two workers '
+          'shared the 2 CPU cores, so the wall time was about half of that.', '']
+  notes = RESULTS / 'CONCLUSIONS.md'
+  if notes.exists():
+    out += [notes.read_text()]
+  text = '\n'.join(out) + '\n'
+  (RESULTS / 'REPORT.md').write_text(text)
+  return text
+
+
+if __name__ == '__main__':
+  print(write_report())
