@@ -221,9 +221,10 @@ def jobs(parts) -> list[tuple[str, str, int]]:
           if gamma is not None and gamma != 0.7:
             out += [('B', config_name(method, scale, gamma), s) for s in SEEDS]
   if 'controls' in parts:
+    # the anchor's other rows in setting A first, then DRW / LDAM-DRW, then A's extras
+    out += [('A', run, s) for run in ('sam', 'imbsam_gn', 'sgd_gn') for s in CONTROL_SEEDS]
     out += [('B', run, s) for run in CONTROLS if '@' not in run for s in CONTROL_SEEDS]
-    for run in ('imbsam_gn', 'sgd_gn', 'imbsam', 'sam', 'sse_sam_gn', 'sam_gn'):
-      out += [('A', run, s) for s in CONTROL_SEEDS]
+    out += [('A', run, s) for run in ('imbsam', 'sse_sam_gn', 'sam_gn') for s in CONTROL_SEEDS]
   return out
 
 
@@ -326,6 +327,22 @@ def write_csv() -> None:
 
 
 PARTS = ('offset', 'tune', 'final', 'controls')
+WALL_CSV = RESULTS / 'study_wall.csv'
+
+
+def finished() -> list[pathlib.Path]:
+  return list(RUNS_DIR.glob('*/*/seed*/results.json'))
+
+
+def log_wall(parts, workers: int, wall_s: float, runs: int) -> None:
+  """Appends one invocation's wall time to ``study_wall.csv`` (the report sums it)."""
+  new = not WALL_CSV.exists()
+  with WALL_CSV.open('a', newline='') as f:
+    writer = csv.writer(f)
+    if new:
+      writer.writerow(['finished_at', 'parts', 'workers', 'wall_s', 'runs_finished'])
+    writer.writerow([time.strftime('%Y-%m-%dT%H:%M:%S'), ' '.join(parts), workers,
+                     round(wall_s, 1), runs])
 
 
 def main(argv=None):
@@ -342,12 +359,15 @@ def main(argv=None):
   elif args.command == 'work':
     work(args.parts)
   else:
-    t0 = time.perf_counter()
+    t0, done = time.perf_counter(), len(finished())
     cmd = [sys.executable, __file__, 'work', '--parts', *args.parts]
     procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
-    codes = [p.wait() for p in procs]
-    print(f'study: {time.perf_counter() - t0:.0f}s wall with {args.workers} workers; '
-          f'exit codes {codes}')
+    try:
+      codes = [p.wait() for p in procs]
+    finally:  # interrupted too: the wall time spent so far counts
+      wall = time.perf_counter() - t0
+      log_wall(args.parts, args.workers, wall, len(finished()) - done)
+    print(f'study: {wall:.0f}s wall with {args.workers} workers; exit codes {codes}')
     write_csv()
     sys.exit(max(codes))
 

@@ -276,8 +276,16 @@ def write_report() -> str:
     out += ['### Methods (chosen configurations; controls at reference radii)', '']
     out += method_table(runs, [n for n in dict.fromkeys(names) if n]) + ['']
     out += ['### Paired comparisons', ''] + comparison_table(runs, COMPARISONS) + ['']
-  out += [f'Compute: {total / 3600:.2f} hours of training summed over runs; two workers '
-          'shared the 2 CPU cores, so the wall time was about half of that.', '']
+  wall_path = RESULTS / 'study_wall.csv'
+  if wall_path.exists():
+    with wall_path.open() as f:
+      wall = list(csv.DictReader(f))
+    wall_s = sum(float(w['wall_s']) for w in wall)
+    out += [f'Compute: {wall_s / 3600:.2f} hours of wall time on 2 CPU cores (two workers, '
+            f'{len(wall)} invocations of `study.py run`, `study_wall.csv`); {total / 3600:.2f} '
+            'hours of training summed over runs (two runs share the cores at a time).', '']
+  else:
+    out += [f'Compute: {total / 3600:.2f} hours of training summed over runs.', '']
   notes = RESULTS / 'CONCLUSIONS.md'
   if notes.exists():
     out += [notes.read_text()]
