@@ -7,9 +7,9 @@ For every method at its reference radius (``study.METHODS``; the reweighting con
 included) and seed, every kept checkpoint (epochs 10, 20, 30, 40) is read and, per group,
 the extreme eigenvalues of the Hessian of the group's **mean cross-entropy** are found by
 Lanczos with full reorthogonalisation: the same function for every method, so a method's
-reweighted training loss does not rescale its own curvature. Groups: tail = every
-training example of a class with fewer than eta examples (1,536); head = 1,024 training
-examples drawn once from the other classes. BatchNorm in evaluation mode.
+reweighted training loss does not rescale its own curvature. Groups, drawn once (the same
+examples for every run): tail = 768 of the 1,536 training examples of the classes with
+fewer than eta examples; head = 512 of the others. BatchNorm in evaluation mode.
 
 Convergence: the Ritz values of the leading ``iters/2`` Lanczos steps are compared with
 those of all ``iters`` steps (the tridiagonal's leading block is the shorter run); the
@@ -33,7 +33,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from study import METHODS, RESULTS, RUNS_DIR, config_for  # pylint: disable=wrong-import-position
 
 SETTING = 'B'
-HEAD_EXAMPLES = 1024
+HEAD_EXAMPLES = 512
+TAIL_EXAMPLES = 768
 RUNS = tuple(METHODS)  # reference radii: the run name is the method's
 
 
@@ -41,12 +42,14 @@ def _groups(run_data, stats, eta):
   """Per-group example weights over the training split: the group's mean."""
   labels = run_data.train.label
   tail_classes = stats.tail_classes(eta)
-  tail = tail_classes[labels]
-  head_ids = np.flatnonzero(~tail)
-  head_ids = np.random.default_rng(0).permutation(head_ids)[:HEAD_EXAMPLES]
-  head = np.zeros(len(labels), bool)
-  head[head_ids] = True
-  return {'head': head / head.sum(), 'tail': tail / tail.sum()}
+  is_tail = tail_classes[labels]
+  rng = np.random.default_rng(0)
+  out = {}
+  for name, members, size in (('head', ~is_tail, HEAD_EXAMPLES), ('tail', is_tail, TAIL_EXAMPLES)):
+    mask = np.zeros(len(labels), bool)
+    mask[rng.permutation(np.flatnonzero(members))[:size]] = True
+    out[name] = mask / mask.sum()
+  return out
 
 
 def spectra_of(run_name: str, seed: int, step: int, iters: int, density: bool) -> dict:
@@ -188,7 +191,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument('command', choices=('run', 'report'))
   parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-  parser.add_argument('--iters', type=int, default=48)
+  parser.add_argument('--iters', type=int, default=32)
   args = parser.parse_args(argv)
   if args.command == 'run':
     run(args.seeds, args.iters)
