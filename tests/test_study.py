@@ -57,7 +57,7 @@ def test_the_radius_is_chosen_on_validation_never_on_test(tmp_path, monkeypatch)
       _fake_result(tmp_path, 'B', study.config_name('sam', scale), seed, val, test)
   assert study.chosen_scale('B', 'sam') == 1.0  # best validation, worst test
   finals = [j for j in study.jobs(['final']) if j[1].startswith('sam')]
-  assert {run for _, run, _ in finals} == {'sam'} and len(finals) == len(study.SEEDS)
+  assert {run for _, run, _ in finals} == {'sam'} and len(finals) == len(study.FINAL_SEEDS)
 
 
 def test_a_claim_is_exclusive_and_a_dead_workers_claim_is_taken_over(tmp_path):
