@@ -22,8 +22,9 @@ Parts (in queue order):
   final     each method's radius chosen by mean validation balanced accuracy over the
             tuning seeds (never the test set), extended to 8 seeds; SSE-SAM's gamma
             (0.5 / 0.9 beside 0.7) at the chosen radii, chosen the same way.
-  controls  setting A's other anchor rows (5 seeds); DRW and LDAM-DRW, alone and under
-            SAM, ImbSAM and SSE-SAM (reference radii, 3 seeds); setting A's extras.
+  controls  setting A's other anchor rows and batch-normalised ImbSAM (5 seeds); DRW and
+            LDAM-DRW, alone and under SAM, ImbSAM and SSE-SAM (reference radii, 3 seeds);
+            setting A's extras.
 The seed counts are constants below: raise them and rerun to extend a part.
 """
 
@@ -225,9 +226,10 @@ def jobs(parts) -> list[tuple[str, str, int]]:
             out += [('B', config_name(method, scale, gamma), s) for s in FINAL_SEEDS]
   if 'controls' in parts:
     # the anchor's other rows in setting A first, then DRW / LDAM-DRW, then A's extras
-    out += [('A', run, s) for run in ('sam', 'imbsam_gn', 'sgd_gn') for s in CONTROL_SEEDS]
+    out += [('A', run, s) for run in ('sam', 'imbsam_gn', 'sgd_gn', 'imbsam')
+            for s in CONTROL_SEEDS]
     out += [('B', run, s) for run in CONTROLS if '@' not in run for s in DRW_SEEDS]
-    out += [('A', run, s) for run in ('imbsam', 'sse_sam_gn', 'sam_gn') for s in DRW_SEEDS]
+    out += [('A', run, s) for run in ('sse_sam_gn', 'sam_gn') for s in DRW_SEEDS]
   return out
 
 
