@@ -1,6 +1,7 @@
 """Head/tail Hessian spectra through training, for the study's methods and controls.
 
   python experiments/hessian_study.py run [--seeds 0 1 2] [--iters 80]
+  python experiments/hessian_study.py check       # seed 0, last checkpoint: 96 steps
   python experiments/hessian_study.py report      # hessian_B.csv + figures from the JSONs
 
 For every method at its reference radius (``study.METHODS``; the reweighting controls
@@ -12,8 +13,9 @@ examples for every run): tail = 768 of the 1,536 training examples of the classe
 fewer than eta examples; head = 512 of the others. BatchNorm in evaluation mode.
 
 Convergence: the Ritz values of the leading ``iters/2`` Lanczos steps are compared with
-those of all ``iters`` steps (the tridiagonal's leading block is the shorter run); the
-report shows both. Seed 0's last checkpoint also gets a stochastic Lanczos quadrature
+those of all ``iters`` steps (the tridiagonal's leading block is the shorter run), and
+``check`` reruns seed 0's last checkpoint of every run with 96 steps: the report shows
+how far the sweep's extremes are from those. Seed 0's last checkpoint also gets a stochastic Lanczos quadrature
 density (2 probes). Results: ``runs/B/<run>/seed<k>/hessian_step<step>.json`` (a finished one is
 skipped: the sweep resumes).
 """
@@ -73,11 +75,32 @@ def spectra_of(run_name: str, seed: int, step: int, iters: int, density: bool) -
     out[name] = {'examples': int((w != 0).sum()), 'lambda_min': float(full[0]),
                  'lambda_max': float(full[-1]), 'lambda_min_half': float(short[0]),
                  'lambda_max_half': float(short[-1]), 'lanczos_steps': len(alphas)}
+    # the extremes after every 8 steps: how they settle (the convergence check)
+    out[name]['ritz_by_steps'] = {
+        k: [float(v) for v in hessian.tridiagonal_eig(alphas[:k], betas[:k - 1])[0][[0, -1]]]
+        for k in range(8, len(alphas) + 1, 8)}
     if density:
       grid, dens, nodes, weights = hessian.slq_density(g.hvp, g.dim, iters, 2, seed)
       out[name]['density'] = {'grid': grid.tolist(), 'density': dens.tolist(),
                               'nodes': nodes.tolist(), 'weights': weights.tolist()}
   return out
+
+
+def check(iters: int = 96) -> None:
+  """Seed 0's last checkpoint of every run with ``iters`` Lanczos steps: how far the
+  extremes after the sweep's steps are from those after ``iters``."""
+  from sse_sam_jax.train.checkpointing import Checkpoints
+  for name in RUNS:
+    workdir = RUNS_DIR / SETTING / name / 'seed0'
+    path = workdir / f'hessian_check{iters}.json'
+    if path.exists() or not (workdir / 'results.json').exists():
+      continue
+    checkpoints = Checkpoints(workdir, keep=4)
+    step = max(checkpoints.steps())
+    checkpoints.close()
+    result = spectra_of(name, 0, step, iters, density=False)
+    path.write_text(json.dumps(result))
+    print(f"{name}: check at {iters} steps done", flush=True)
 
 
 def run(seeds, iters: int) -> None:
@@ -122,6 +145,21 @@ def collect() -> list[dict]:
                          lambda_max=g['lambda_max'], ratio=g['lambda_min'] / g['lambda_max'],
                          lambda_min_half=g['lambda_min_half'],
                          lambda_max_half=g['lambda_max_half'], lanczos_steps=g['lanczos_steps']))
+  return rows
+
+
+def collect_checks() -> list[dict]:
+  """One row per run, group and step count of the 96-step check."""
+  rows = []
+  for name in RUNS:
+    path = RUNS_DIR / SETTING / name / 'seed0' / 'hessian_check96.json'
+    if not path.exists():
+      continue
+    r = json.loads(path.read_text())
+    for group in ('head', 'tail'):
+      for k, (lo, hi) in r[group]['ritz_by_steps'].items():
+        rows.append(dict(run=name, group=group, lanczos_steps=int(k), lambda_min=lo,
+                         lambda_max=hi))
   return rows
 
 
@@ -184,17 +222,25 @@ def report() -> None:
       writer.writeheader()
       writer.writerows(rows)
     plots(rows)
-  print(f'{len(rows)} rows')
+  checks = collect_checks()
+  if checks:
+    with (RESULTS / 'hessian_check_B.csv').open('w', newline='') as f:
+      writer = csv.DictWriter(f, fieldnames=list(checks[0]))
+      writer.writeheader()
+      writer.writerows(checks)
+  print(f'{len(rows)} rows, {len(checks)} check rows')
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser()
-  parser.add_argument('command', choices=('run', 'report'))
+  parser.add_argument('command', choices=('run', 'check', 'report'))
   parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   parser.add_argument('--iters', type=int, default=32)
   args = parser.parse_args(argv)
   if args.command == 'run':
     run(args.seeds, args.iters)
+  elif args.command == 'check':
+    check()
   report()
 
 

@@ -117,8 +117,9 @@ def chosen(runs: dict, method: str) -> str | None:
 
 
 def resolve(runs: dict, name: str) -> str | None:
-  """A method's chosen run, or ``name`` itself when it is a run."""
-  if name in METHODS and METHODS[name][2]:
+  """A method's chosen run where it was tuned (setting B), else ``name`` itself (a run
+  at the reference radius)."""
+  if name in METHODS and METHODS[name][2] and chosen(runs, name) is not None:
     return chosen(runs, name)
   return name if name in runs else None
 
@@ -235,6 +236,33 @@ def offset_table(setting, runs) -> list[str]:
   return lines
 
 
+def convergence_check() -> list[str]:
+  """From ``hessian_check_B.csv``: how far the extremes after k Lanczos steps are from
+  those after the longest run, for seed 0's last checkpoint of every run."""
+  path = RESULTS / 'hessian_check_B.csv'
+  if not path.exists():
+    return []
+  with path.open() as f:
+    checks = list(csv.DictReader(f))
+  longest = max(int(c['lanczos_steps']) for c in checks)
+  ref = {(c['run'], c['group']): c for c in checks if int(c['lanczos_steps']) == longest}
+  lines = [f'Convergence check (`hessian_check_B.csv`): seed 0\'s epoch-40 checkpoint of every '
+           f'run rerun with {longest} Lanczos steps; the relative distance of the extremes '
+           f'after k steps to those after {longest}:', '',
+           '| k | λ_min: max over runs and groups | λ_min: median | λ_max: max |',
+           '| --- | --- | --- | --- |']
+  for k in sorted({int(c['lanczos_steps']) for c in checks}):
+    rel = {'lambda_min': [], 'lambda_max': []}
+    for c in checks:
+      if int(c['lanczos_steps']) == k:
+        for key, values in rel.items():
+          final = float(ref[(c['run'], c['group'])][key])
+          values.append(abs(float(c[key]) - final) / abs(final))
+    lines.append(f"| {k} | {100 * max(rel['lambda_min']):.2g}% | "
+                 f"{100 * np.median(rel['lambda_min']):.2g}% | {100 * max(rel['lambda_max']):.2g}% |")
+  return lines + ['']
+
+
 def hessian_section() -> list[str]:
   """From ``hessian_B.csv`` (experiments/hessian_study.py): the last checkpoint's head and
   tail extremes per run, mean ± std over seeds, and the Lanczos convergence check."""
@@ -263,7 +291,7 @@ def hessian_section() -> list[str]:
            '; the figures show the trajectories (mean ± std over seeds) and seed 0\'s '
            'spectral densities at epoch 40.', '',
            '![hessian trajectories](hessian_B.png)', '', '![densities](hessian_density_B.png)',
-           '', f'At epoch {round(steps[-1] / 97)}:', '',
+           ''] + convergence_check() + [f'At epoch {round(steps[-1] / 97)}:', '',
            '| run | seeds | head λ_min | head λ_max | head λ_min/λ_max | tail λ_min | '
            'tail λ_max | tail λ_min/λ_max |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
   last = [r for r in rows if int(r['step']) == steps[-1]]
@@ -319,6 +347,10 @@ def write_report() -> str:
     out += ['### Methods (chosen configurations; controls at reference radii)', '']
     out += method_table(runs, [n for n in dict.fromkeys(names) if n]) + ['']
     out += ['### Paired comparisons', ''] + comparison_table(runs, COMPARISONS) + ['']
+    if setting == 'B':
+      out += ['At the reference radii (untuned; seeds 0-2 unless extended):', '']
+      out += comparison_table({k: v for k, v in runs.items() if '@x' not in k},
+                              COMPARISONS[:4]) + ['']
   out += hessian_section()
   wall_path = RESULTS / 'study_wall.csv'
   if wall_path.exists():
