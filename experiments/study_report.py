@@ -300,9 +300,26 @@ def hessian_section() -> list[str]:
     for group in ('head', 'tail'):
       mine = [r for r in last if r['run'] == run and r['group'] == group]
       cells += [_ms([r['lambda_min'] for r in mine]), _ms([r['lambda_max'] for r in mine]),
-                f"{np.mean([r['ratio'] for r in mine]):+.4f}"]
+                f"{100 * np.mean([r['ratio'] for r in mine]):+.2f}%"]
     n = len([r for r in last if r['run'] == run and r['group'] == 'head'])
     lines.append(f'| `{run}` | {n} | ' + ' | '.join(cells) + ' |')
+  # paired by seed at the last checkpoint: {run: {seed: {'<group>_<key>': value}}}
+  by_seed = {}
+  for r in last:
+    for key in ('lambda_min', 'lambda_max', 'ratio'):
+      by_seed.setdefault(r['run'], {}).setdefault(int(r['seed']), {})[
+          f"{r['group']}_{key}"] = r[key] * (100 if key == 'ratio' else 1)
+  lines += ['', f'Paired by seed at epoch {round(steps[-1] / 97)} (a − b; a λ_min or ratio '
+            'above 0 is the less negative one):', '',
+            '| a − b | tail λ_min | tail λ_min/λ_max (%) | head λ_min | head λ_min/λ_max (%) |',
+            '| --- | --- | --- | --- | --- |']
+  for a, b in (('sse_sam', 'sgd'), ('sse_sam', 'sam'), ('sse_sam', 'imbsam'),
+               ('imbsam', 'sgd'), ('sam', 'sgd'), ('sgd_gn', 'sgd'), ('sse_sam_gn', 'sgd_gn'),
+               ('imbsam_gn', 'sgd_gn'), ('sam_gn', 'sgd_gn'), ('sse_sam_gn', 'imbsam_gn')):
+    if a in by_seed and b in by_seed:
+      cells = [_cell(paired(by_seed, a, b, k)) for k in
+               ('tail_lambda_min', 'tail_ratio', 'head_lambda_min', 'head_ratio')]
+      lines.append(f'| `{a}` − `{b}` | ' + ' | '.join(cells) + ' |')
   return lines + ['']
 
 
