@@ -208,7 +208,18 @@ def gamma_table(runs) -> list[str]:
     found = found or gamma in GAMMAS
     lines.append(f"| {gamma} | {_ms([r['val_balanced'] for r in rs])} | "
                  f"{_ms([r['few'] for r in rs])} | {_ms([r['all'] for r in rs])} |")
-  return lines if found else []
+  if not found:
+    return []
+  best = max((g for g in (0.5, 0.7, 0.9) if all(
+      runs.get(config_name('sse_sam', scale, None if g == 0.7 else g), {}).get(t)
+      for t in TUNE_SEEDS)), key=lambda g: np.mean([
+          runs[config_name('sse_sam', scale, None if g == 0.7 else g)][t]['val_balanced']
+          for t in TUNE_SEEDS]))
+  if best != 0.7:
+    a, b = config_name('sse_sam', scale, best), config_name('sse_sam', scale)
+    lines += ['', f'Validation chooses gamma {best}; against 0.7, all seeds: Few '
+              f"{_cell(paired(runs, a, b, 'few'))}, All {_cell(paired(runs, a, b, 'all'))}."]
+  return lines
 
 
 def offset_table(setting, runs) -> list[str]:
