@@ -130,7 +130,7 @@ def run(seeds, iters: int) -> None:
 
 
 FIELDS = ('run', 'seed', 'step', 'epoch', 'group', 'examples', 'lambda_min', 'lambda_max',
-          'ratio', 'lambda_min_half', 'lambda_max_half', 'lanczos_steps')
+          'ratio', 'lambda_min_half', 'lambda_max_half', 'lanczos_steps', 'seconds')
 
 
 def collect() -> list[dict]:
@@ -144,7 +144,8 @@ def collect() -> list[dict]:
                          group=group, examples=g['examples'], lambda_min=g['lambda_min'],
                          lambda_max=g['lambda_max'], ratio=g['lambda_min'] / g['lambda_max'],
                          lambda_min_half=g['lambda_min_half'],
-                         lambda_max_half=g['lambda_max_half'], lanczos_steps=g['lanczos_steps']))
+                         lambda_max_half=g['lambda_max_half'], lanczos_steps=g['lanczos_steps'],
+                         seconds=r.get('seconds', 0.0) if group == 'head' else 0.0))
   return rows
 
 

@@ -380,6 +380,12 @@ def write_report() -> str:
       out += comparison_table({k: v for k, v in runs.items() if '@x' not in k},
                               COMPARISONS[:4]) + ['']
   out += hessian_section()
+  hessian_csv = RESULTS / 'hessian_B.csv'
+  if hessian_csv.exists():
+    with hessian_csv.open() as f:
+      hessian_s = sum(float(r.get('seconds') or 0) for r in csv.DictReader(f))
+    out += [f'Hessian sweep: {hessian_s / 3600:.2f} hours (one process beside the two training '
+            'workers; the 96-step check not included).', '']
   wall_path = RESULTS / 'study_wall.csv'
   if wall_path.exists():
     with wall_path.open() as f:
