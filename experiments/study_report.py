@@ -302,6 +302,9 @@ def hessian_section() -> list[str]:
            '; the figures show the trajectories (mean ± std over seeds) and seed 0\'s '
            'spectral densities at epoch 40.', '',
            '![hessian trajectories](hessian_B.png)', '', '![densities](hessian_density_B.png)',
+           '', 'The densities are smoothed with a Gaussian of width (λ_max − λ_min)/200, wider '
+           'than the symmetric-log axis\'s linear range, so the bulk near 0 shows as a plateau; '
+           'what they resolve is the reach and weight of the negative and positive outliers.',
            ''] + convergence_check() + [f'At epoch {round(steps[-1] / 97)}:', '',
            '| run | seeds | head λ_min | head λ_max | head λ_min/λ_max | tail λ_min | '
            'tail λ_max | tail λ_min/λ_max |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
