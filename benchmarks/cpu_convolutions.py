@@ -1,13 +1,19 @@
 """Why a ResNet-32 step is slower on XLA:CPU than on PyTorch's CPU backend: one run, side by side.
 
 Times, interleaved round by round on the same machine (batch 128, 32x32x3, SGD):
-  trainer_step  the trainer's step (``CompiledTrainStep``: clean pass with loss_vjp,
-                metrics, finiteness check, donated state), as benchmarks/step_cost.py;
-  plain_step    ``jax.grad`` of the mean cross-entropy through the same model + optax
-                SGD, nothing else (what a plain Flax training step does);
-  forward       the training-mode forward pass alone;
-  torch         benchmarks/torch_resnet32_step.py (NCHW and channels-last), in a
-                subprocess with ``--torch-python`` (a Python with a CPU torch).
+  trainer_step          the trainer's step (``CompiledTrainStep``: clean pass with
+                        loss_vjp, metrics, finiteness check, donated state) as the
+                        trainer compiles it (``cpu_convolutions='eigen'``);
+  trainer_step_ynnpack  the same with XLA's default YNNPACK convolutions;
+  plain_step            ``jax.grad`` of the mean cross-entropy through the same model +
+                        optax SGD, nothing else, XLA's default options;
+  plain_step_no_barrier the same through a copy of the model whose convolutions are
+                        plain ``lax.conv_general_dilated`` (no optimization barriers,
+                        see ``sse_sam_jax.models.resnet.conv_general_dilated``): the
+                        step as it was before;
+  forward               the training-mode forward pass alone;
+  torch                 benchmarks/torch_resnet32_step.py (NCHW and channels-last), in a
+                        subprocess with ``--torch-python`` (a Python with a CPU torch).
 Each XLA_FLAGS setting of ``--xla-flags`` (';'-separated) reruns the JAX rows in a
 fresh subprocess. Writes benchmarks/results/cpu_convolutions.json.
 
@@ -33,7 +39,9 @@ def jax_rows(rounds: int, batch: int) -> dict:
   import optax
 
   from sse_sam_jax import losses, models
+  from sse_sam_jax.models import resnet
   from sse_sam_jax.train import CompiledTrainStep, init_state
+  from sse_sam_jax.train.step import compiler_options
 
   rng = np.random.default_rng(0)
   data = {'x': jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32),
@@ -41,25 +49,39 @@ def jax_rows(rounds: int, batch: int) -> dict:
   model, params, stats = models.create('resnet32', 10, seed=0)
   tx = optax.chain(optax.add_decayed_weights(2e-4), optax.sgd(0.1, momentum=0.9))
   loss = lambda logits, y, step: losses.cross_entropy(logits, y)
-  trainer_step = CompiledTrainStep(model, tx, loss)
+  trainer_step = CompiledTrainStep(model, tx, loss, compiler_options=compiler_options('eigen'))
+  trainer_step_ynnpack = CompiledTrainStep(model, tx, loss,
+                                           compiler_options=compiler_options('ynnpack'))
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
   state = init_state(copy(params), copy(stats), tx)
+  barrier_conv = resnet.conv_general_dilated
+  resnet.conv_general_dilated = jax.lax.conv_general_dilated  # a model built as before
+  try:
+    model_no_barrier, _, _ = models.create('resnet32', 10, seed=0)
+  finally:
+    resnet.conv_general_dilated = barrier_conv
 
-  @jax.jit
-  def plain_step(params, stats, opt_state, x, y):
-    def mean_loss(p):
-      logits, new_stats = model.apply(p, stats, x, train=True)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_stats
-    grads, new_stats = jax.grad(mean_loss, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_stats, opt_state
+  def make_plain_step(model):
+    @jax.jit
+    def plain_step(params, stats, opt_state, x, y):
+      def mean_loss(p):
+        logits, new_stats = model.apply(p, stats, x, train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_stats
+      grads, new_stats = jax.grad(mean_loss, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), new_stats, opt_state
+    return plain_step
+
+  plain_step, plain_step_no_barrier = make_plain_step(model), make_plain_step(model_no_barrier)
 
   forward = jax.jit(lambda p, s, x: model.apply(p, s, x, train=True))
   plain_args = (copy(params), copy(stats), tx.init(params), data['x'], data['label'])
 
   runs = {
       'trainer_step': lambda: trainer_step(copy(state), data, 0),
+      'trainer_step_ynnpack': lambda: trainer_step_ynnpack(copy(state), data, 0),
       'plain_step': lambda: plain_step(*plain_args),
+      'plain_step_no_barrier': lambda: plain_step_no_barrier(*plain_args),
       'forward': lambda: forward(params, stats, data['x']),
   }
   for fn in runs.values():  # compile + warm

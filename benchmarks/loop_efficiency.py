@@ -45,7 +45,7 @@ import numpy as np
 from sse_sam_jax.train import config as config_lib
 from sse_sam_jax.train import setup
 from sse_sam_jax.train import trainer
-from sse_sam_jax.train.step import CompiledTrainStep
+from sse_sam_jax.train.step import CompiledTrainStep, compiler_options
 
 
 def main_job_config():
@@ -105,7 +105,8 @@ def bare_step(c, steps: int, first_step: int) -> dict:
   step_fn = CompiledTrainStep(
       run.model, run.tx, run.loss, run.class_groups, boundaries=run.boundaries,
       state_sharding=run.state_sharding, batch_sharding=run.batch_sharding,
-      per_device_axis=run.scope.per_device_axis, microbatch=run.scope.microbatch)
+      per_device_axis=run.scope.per_device_axis, microbatch=run.scope.microbatch,
+      compiler_options=compiler_options(c.cpu_convolutions))
   b = run.spec.batch_size
   batch = jax.device_put({'x': np.asarray(run.data.train.x[:b], np.float32),
                           'label': np.asarray(run.data.train.label[:b], np.int32)},

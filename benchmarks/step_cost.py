@@ -33,6 +33,7 @@ import optax
 import sse_sam_jax as ssj
 from sse_sam_jax import losses, models
 from sse_sam_jax.train import CompiledTrainStep, init_state
+from sse_sam_jax.train.step import compiler_options
 
 CIFAR10_LT_COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 SWITCH = 2
@@ -98,6 +99,8 @@ def main():
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--model', default='resnet32',
                       help='resnet32, resnet34_cifar (32x32x3 inputs) or conv1d (the main job)')
+  parser.add_argument('--cpu-convolutions', default='eigen',
+                      help="XLA:CPU's convolutions: 'eigen' (the trainer's default) or 'ynnpack'")
   parser.add_argument('--out', default='benchmarks/results/step_cost.json')
   args = parser.parse_args()
 
@@ -123,7 +126,8 @@ def main():
       kinds = None if direction is None else functools.partial(ssj.sharpness_step_at, direction)
       step = CompiledTrainStep(model, tx, loss, groups[group_kind],
                                boundaries=ssj.stage_boundaries(direction) if direction else [],
-                               sharpness_step_at=kinds)
+                               sharpness_step_at=kinds,
+                               compiler_options=compiler_options(args.cpu_convolutions))
       state = init_state(copy(params), copy(batch_stats), tx)
       t0 = time.perf_counter()
       for i in range(SWITCH + 2):  # every program a step index below runs: compiled, warm
@@ -153,6 +157,7 @@ def main():
                          compile_and_warm_s=round(compile_s[name], 2))
   averages = run_averages(results)
   report = dict(model=args.model, batch=args.batch, rounds=args.rounds,
+                cpu_convolutions=args.cpu_convolutions,
                 device=str(jax.devices()[0]), cpu_count=os.cpu_count(),
                 machine=platform.machine(), jax=jax.__version__,
                 sse_sam_programs=cache, results=results, run_average_ratio_to_sgd=averages)

@@ -93,3 +93,44 @@ def test_torch_init_draws_every_kernel_and_bias_in_pytorch_bounds(name, kw):
 def test_unknown_init():
   with pytest.raises(ValueError, match='init must be one of'):
     models.create('conv1d', 10, init='kaiming')
+
+
+def _loss(model_name, shape):
+  fm, p, bs = models.create(model_name, 10, seed=0)
+  x = jax.random.normal(jax.random.key(1), shape)
+  y = jnp.arange(shape[0]) % 10
+
+  def loss(p):
+    logits, _ = fm.apply(p, bs, x, train=True)
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(shape[0]), y])
+  return fm, p, loss
+
+
+def resnet8(num_classes, *, rngs, **kw):
+  """ResNet-8 (one block per stage): ResNet-32's layers at a test's cost."""
+  from sse_sam_jax.models import resnet
+  return resnet.CifarResNet(num_classes, 1, rngs=rngs, **kw)
+
+
+@pytest.mark.parametrize('name,shape', [('conv1d', (8, 40)), ('resnet8', (4, 16, 16, 3))])
+def test_convolutions_between_barriers_leave_gradients_and_hessian_products_unchanged(
+    monkeypatch, name, shape):
+  """The convolutions' optimization barriers (for XLA:CPU's weight-gradient transposes)
+  change no bit of the gradient, and forward-over-reverse (the Hessian analysis) runs
+  through them."""
+  from sse_sam_jax.models import resnet
+  monkeypatch.setitem(models._REGISTRY, 'resnet8', resnet8)  # pylint: disable=protected-access
+  _, p, loss = _loss(name, shape)
+  grad_barrier = jax.jit(jax.grad(loss))(p)
+  monkeypatch.setattr(resnet, 'conv_general_dilated', jax.lax.conv_general_dilated)
+  _, p_plain, loss_plain = _loss(name, shape)
+  grad_plain = jax.jit(jax.grad(loss_plain))(p_plain)
+  for a, b in zip(jax.tree.leaves(grad_barrier), jax.tree.leaves(grad_plain)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  if name != 'conv1d':
+    return
+  hvp = jax.jit(lambda p, v: jax.jvp(jax.grad(loss), (p,), (v,))[1])(p, grad_barrier)
+  hvp_plain = jax.jit(lambda p, v: jax.jvp(jax.grad(loss_plain), (p,), (v,))[1])(
+      p_plain, grad_plain)
+  for a, b in zip(jax.tree.leaves(hvp), jax.tree.leaves(hvp_plain)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

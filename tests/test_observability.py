@@ -1,7 +1,15 @@
 """Where a run's time goes: timing in every log line and in results.json, and the
-persistent compilation cache that spares a resumed run its compilation."""
+persistent compilation cache and executable cache that spare a resumed run its
+compilation."""
 
 import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sse_sam_jax.train import executable_cache as executable_cache_lib
 
 from sse_sam_jax.train import trainer
 from tests.test_trainer import make_npz, small_config
@@ -39,13 +47,80 @@ def test_a_resumed_run_loads_its_programs_from_the_compilation_cache(tmp_path):
   entries = sorted(p.name for p in cache.iterdir())
   # 2 stages x 2 batch shapes of the train step, and the evaluation's predict
   assert sum(e.startswith('jit_train_step-') for e in entries) == 4, entries
+  executables = sorted((cache / 'executables').iterdir())
+  assert len(executables) == 4
   result = trainer.train(c, tmp_path / 'run', progress=False)
   assert result['compiles'] == 4
-  # the resume compiled no new train step: every program came from the cache (a resume
-  # also runs a small integrity check of the restored parameters)
+  # the resume neither traced nor compiled a train step: all 4 came from the executable
+  # cache (a resume also runs a small integrity check of the restored parameters)
+  assert result['timing']['programs_loaded'] == 4
   again = sorted(p.name for p in cache.iterdir())
   assert [e for e in again if e.startswith('jit_train_step-')] == [
       e for e in entries if e.startswith('jit_train_step-')]
+  assert sorted((cache / 'executables').iterdir()) == executables
   off = small_config(npz, **{'epochs': 1, 'compilation_cache_dir': ''})
   trainer.train(off, tmp_path / 'off', progress=False)
   assert not (tmp_path / 'off' / 'compilation_cache').exists()
+
+
+def test_a_resumed_run_from_loaded_programs_ends_where_an_uninterrupted_run_does(tmp_path):
+  npz = make_npz(tmp_path / 'blobs.npz')
+  c = small_config(npz, **{'epochs': 2, 'optimizer.name': 'sse_sam', 'optimizer.gamma': 0.5,
+                           'compilation_cache_dir': str(tmp_path / 'shared_cache')})
+  whole = trainer.train(c, tmp_path / 'whole', progress=False)
+  trainer.train(c, tmp_path / 'cut', progress=False, stop_after_steps=5)
+  resumed = trainer.train(c, tmp_path / 'cut', progress=False)
+  assert resumed['timing']['programs_loaded'] == resumed['compiles'] > 0
+  for a, b in zip(jax.tree.leaves(whole['state']), jax.tree.leaves(resumed['state'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_executable_cache_key_follows_the_config_and_a_damaged_file_is_recompiled(
+    tmp_path, capsys):
+  f = jax.jit(lambda s, b: (s * b.sum(), b.mean()), donate_argnums=(0,))
+  s, b = jnp.ones(3), jnp.arange(4.0)
+  compiled = f.lower(s, b).compile()
+  cache = executable_cache_lib.ExecutableCache(tmp_path, {'lr': 0.1})
+  assert cache.load('p', s, b) is None
+  assert cache.store('p', s, b, compiled)
+  loaded = cache.load('p', s, b)
+  np.testing.assert_array_equal(loaded(jnp.ones(3), b)[0], compiled(jnp.ones(3), b)[0])
+  # another config, program, or argument shape or dtype is another key
+  other = executable_cache_lib.ExecutableCache(tmp_path, {'lr': 0.2})
+  assert other.load('p', s, b) is None
+  assert cache.load('q', s, b) is None
+  assert cache.load('p', jnp.ones(4), b) is None
+  assert cache.load('p', s, jnp.arange(4)) is None
+  # a damaged file is deleted and reported; the caller compiles again
+  (path,) = tmp_path.glob('*.executable')
+  path.write_bytes(b'not an executable')
+  assert cache.load('p', s, b) is None
+  assert not path.exists()
+  assert 'could not be loaded' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('name', ['xla_flags', 'source'])
+def test_executable_cache_key_follows_the_environment(tmp_path, monkeypatch, name):
+  s, b = jnp.ones(3), jnp.arange(4.0)
+  compiled = jax.jit(lambda s, b: s * b.sum()).lower(s, b).compile()
+  executable_cache_lib.ExecutableCache(tmp_path, {}).store('p', s, b, compiled)
+  if name == 'xla_flags':
+    monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_fast_math=true')
+  else:
+    monkeypatch.setattr(executable_cache_lib, 'source_digest', lambda: 'edited source')
+  assert executable_cache_lib.ExecutableCache(tmp_path, {}).load('p', s, b) is None
+
+
+def test_only_executables_xla_compiled_in_this_process_are_stored(tmp_path):
+  """A hit of JAX's persistent cache is a deserialized executable, and on XLA:CPU
+  (jaxlib 0.12) one of those serialized again loads into a program that fails at run
+  time; the trainer stores only what XLA compiled here."""
+  trainer.use_compilation_cache(str(tmp_path / 'xla_cache'), tmp_path)
+  def fn(s, b):
+    return s * b.sum() + 1.2345
+  s, b = jnp.ones(3), jnp.arange(5.0)
+  lower = lambda: jax.jit(lambda s, b: fn(s, b)).lower(s, b)  # a new trace each time
+  _, compiled_here = executable_cache_lib.compile(lower())
+  again, compiled_here_again = executable_cache_lib.compile(lower())
+  assert compiled_here and not compiled_here_again
+  np.testing.assert_allclose(again(s, b), fn(s, b))

@@ -1,9 +1,15 @@
 """The loop's throughput machinery changes nothing it trains: several steps per dispatch,
 and the dispatch plan around epochs, stage switches and resumes."""
 
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+
+from sse_sam_jax.models import resnet
 
 from sse_sam_jax.train import dispatch, trainer
 from tests.test_trainer import make_npz, small_config
@@ -155,3 +161,67 @@ def test_several_steps_per_dispatch_on_4_devices_with_per_device_perturbations()
   assert len(out['per_device1']) == len(out['per_device4']) > 0
   for a, b in zip(out['per_device1'], out['per_device4']):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_eigen_convolutions_on_cpu_compile_the_step_without_ynnpack_convolutions(monkeypatch):
+  """``cpu_convolutions='eigen'`` (the default) moves XLA:CPU's convolutions off YNNPACK
+  and keeps its other YNNPACK fusions; the step agrees with XLA's default to rounding."""
+  import optax
+
+  from sse_sam_jax import losses, models
+  from sse_sam_jax.train import config as config_lib
+  from sse_sam_jax.train.step import CompiledTrainStep, compiler_options, init_state
+  assert config_lib.default_config().cpu_convolutions == 'eigen'
+  with pytest.raises(ValueError, match='cpu_convolutions'):
+    compiler_options('mkl')
+  c = config_lib.default_config()
+  c.cpu_convolutions = 'mkl'
+  with pytest.raises(ValueError, match='cpu_convolutions must be one of'):
+    config_lib.validate(c)
+  assert compiler_options('ynnpack') == {}
+  if jax.default_backend() != 'cpu':
+    assert compiler_options('eigen') == {}
+    return
+  monkeypatch.setitem(models._REGISTRY, 'cnn', _TinyCNN)  # pylint: disable=protected-access
+  model, params, stats = models.create('cnn', 10, seed=0)
+  tx = optax.sgd(0.1, momentum=0.9)
+  loss = lambda logits, y, step: losses.cross_entropy(logits, y)
+  rng = np.random.default_rng(0)
+  batch = {'x': jnp.asarray(rng.normal(size=(8, 16, 16, 3)), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, 10, 8), jnp.int32)}
+  out, texts = {}, {}
+  for setting in ('eigen', 'ynnpack'):
+    step = CompiledTrainStep(model, tx, loss, compiler_options=compiler_options(setting))
+    state = init_state(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, stats), tx)
+    step.precompile(state, [batch])
+    texts[setting] = next(iter(step._executables.values())).as_text()  # pylint: disable=protected-access
+    out[setting], _ = step(state, batch, 0)
+  assert _ynn_convolutions(texts['ynnpack']) > 0
+  assert _ynn_convolutions(texts['eigen']) == 0
+  assert '__ynn_fusion' in texts['eigen']  # dots and reductions stay on YNNPACK
+  for a, b in zip(jax.tree.leaves(out['eigen'].params), jax.tree.leaves(out['ynnpack'].params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+class _TinyCNN(nnx.Module):
+  """3x3 convolutions (the models' own) 3 -> 16 -> 32 (stride 2) -> 32, BatchNorm, ReLU."""
+
+  def __init__(self, num_classes, *, rngs):
+    self.convs = nnx.List([resnet.conv(3, 16, 3, 1, rngs), resnet.conv(16, 32, 3, 2, rngs),
+                           resnet.conv(32, 32, 3, 1, rngs)])
+    self.bn = resnet.batch_norm(32, rngs)
+    self.head = nnx.Linear(32, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    for conv in self.convs:
+      x = nnx.relu(conv(x))
+    return self.head(jnp.mean(self.bn(x), axis=(1, 2)))
+
+
+def _ynn_convolutions(hlo: str) -> int:
+  """How many YNNPACK fusions of a compiled program's HLO hold a convolution."""
+  called = [re.search(r'calls=(%[\w.\-]+)', line).group(1) for line in hlo.splitlines()
+            if '"kind":"__ynn_fusion"' in line and 'calls=' in line]
+  bodies = {m.group(1): m.group(2)
+            for m in re.finditer(r'^(%[\w.\-]+) \(.*?\{\n(.*?)\n\}', hlo, re.S | re.M)}
+  return sum('convolution(' in bodies.get(name, '') for name in called)

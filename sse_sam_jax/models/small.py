@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sse_sam_jax.models.resnet import batch_norm, classifier
+from sse_sam_jax.models.resnet import batch_norm, classifier, conv
 
 INITS = ('flax', 'torch')
 
@@ -52,7 +52,7 @@ class Conv1DNet(nnx.Module):
 
     def layer(i, o, k, s):
       kw = _layer_init(init, i * k) if init == 'torch' else dict(kernel_init=torch_kernel)
-      return nnx.Conv(i, o, (k,), (s,), padding=((k // 2, k // 2),), rngs=rngs, **kw)
+      return conv(i, o, k, s, rngs, use_bias=True, ndim=1, **kw)
 
     self.conv1, self.bn1 = layer(in_channels, 32, 5, 1), batch_norm(32, rngs)
     self.conv2, self.bn2 = layer(32, 32, 3, 2), batch_norm(32, rngs)

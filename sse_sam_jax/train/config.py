@@ -16,7 +16,7 @@ from sse_sam_jax.models.small import INITS as MODEL_INITS
 from sse_sam_jax.optim import NORMALIZATIONS
 from sse_sam_jax.train.schedules import SCHEDULES
 from sse_sam_jax.train.sharding import PARAMETER_SHARDINGS
-from sse_sam_jax.train.step import RUNNING_STATS
+from sse_sam_jax.train.step import CPU_CONVOLUTIONS, RUNNING_STATS
 
 DATASETS = ('mnist1d', 'cifar10', 'cifar100', 'npz', 'imagenet_lt', 'inaturalist2018')
 PERTURBATION_SCOPES = ('global', 'per_device', 'microbatch')
@@ -92,8 +92,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.parameter_sharding = 'replicated'
   c.fsdp_min_elements = 2 ** 14
   # JAX's persistent compilation cache: 'workdir' (<workdir>/compilation_cache), a path,
-  # or '' (off). A rerun or resume then loads its compiled programs.
+  # or '' (off). A rerun or resume then loads its compiled programs; the train step's
+  # are kept serialized in its executables/ (loaded without tracing; local paths only).
   c.compilation_cache_dir = 'workdir'
+  # Which library runs the train step's convolutions on XLA:CPU: 'eigen' (XLA's default
+  # less its YNNPACK convolutions; their weight gradients ran ~1.6x slower in a ResNet-32
+  # step) or 'ynnpack' (XLA's default). Dots and reductions stay on YNNPACK; other
+  # backends are unaffected.
+  c.cpu_convolutions = 'eigen'
   return c
 
 
@@ -185,6 +191,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.parameter_sharding in PARAMETER_SHARDINGS,
         f'parameter_sharding must be one of {PARAMETER_SHARDINGS}, got {c.parameter_sharding!r}.')
   check(c.fsdp_min_elements >= 1, 'fsdp_min_elements must be >= 1.')
+  check(c.cpu_convolutions in CPU_CONVOLUTIONS,
+        f'cpu_convolutions must be one of {CPU_CONVOLUTIONS}, got '
+        f'{c.cpu_convolutions!r}.')
   check(int(c.steps_per_dispatch) == c.steps_per_dispatch and c.steps_per_dispatch >= 0,
         f'steps_per_dispatch must be an integer >= 0 (0: auto), got {c.steps_per_dispatch}.')
   check(c.hessian.every_epochs >= 0 and c.hessian.lanczos_iters >= 2,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from sse_sam_jax.optim import stage_at as optim_stage_at
+from sse_sam_jax.train import executable_cache as executable_cache_lib
 
 # (logits, labels, step) -> per-example losses [B]
 PerExampleLoss = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -36,6 +37,26 @@ def init_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainSt
 
 
 RUNNING_STATS = ('clean', 'last_perturbed')
+CPU_CONVOLUTIONS = ('eigen', 'ynnpack')
+
+
+def compiler_options(cpu_convolutions: str = 'ynnpack') -> dict:
+  """XLA options for the train step: ``'eigen'`` on XLA:CPU keeps XLA's default
+  YNNPACK fusions (dots, reductions) except the convolutions, which Eigen runs.
+
+  In a ResNet-32 b128 SGD step on 2 cores (``benchmarks/cpu_convolutions.py``) the
+  YNNPACK weight-gradient convolutions of the first stage took 35-60 ms each; with
+  Eigen the step ran ~1.5x faster. It changes which kernels compute the
+  convolutions, so CPU results differ from ``'ynnpack'``'s in the last bits.
+  """
+  if cpu_convolutions not in CPU_CONVOLUTIONS:
+    raise ValueError(f'cpu_convolutions must be one of {CPU_CONVOLUTIONS}, got '
+                     f'{cpu_convolutions!r}.')
+  if cpu_convolutions == 'ynnpack' or jax.default_backend() != 'cpu':
+    return {}
+  kinds = ('INDIVIDUAL_DOT', 'REDUCE')  # XLA's default set less INDIVIDUAL_CONVOLUTION
+  return {'xla_cpu_experimental_ynn_fusion_type':
+          ','.join('LIBRARY_FUSION_TYPE_' + k for k in kinds)}
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLoss,
@@ -168,7 +189,11 @@ class CompiledTrainStep:
   SSE-SAM, ``[]`` otherwise): the host picks the stage from its own step
   counter, so no step waits on the device. :meth:`precompile` builds every
   program before training starts; after that ``compiles`` stays fixed, the stage
-  switch included. The state argument is donated.
+  switch included (``compiles`` counts programs built, loaded or compiled). The
+  state argument is donated. ``executable_cache``
+  (:class:`~sse_sam_jax.train.executable_cache.ExecutableCache`) keeps the compiled
+  programs on disk: a rerun loads them without tracing or compiling.
+  ``compiler_options`` go to XLA with every program (see :func:`compiler_options`).
 
   ``state_sharding`` (a sharding or a tree of them, see
   :mod:`sse_sam_jax.train.sharding`) places the state, replicated or FSDP-style;
@@ -191,7 +216,10 @@ class CompiledTrainStep:
   def __init__(self, model, tx, loss: PerExampleLoss, class_groups=None, *,
                boundaries=(), state_sharding=None, batch_sharding=None,
                per_device_axis: str | None = None, microbatch: int | None = None,
-               sharpness_step_at=None, running_stats: str = 'clean'):
+               sharpness_step_at=None, running_stats: str = 'clean',
+               executable_cache=None, compiler_options: dict | None = None):
+    self.executable_cache = executable_cache
+    self.compiler_options = dict(compiler_options or {})
     self.sharpness_step_at = sharpness_step_at or (lambda step: None)
     self.boundaries = tuple(int(b) for b in boundaries)
     self.num_stages = len(self.boundaries) + 1
@@ -235,7 +263,14 @@ class CompiledTrainStep:
     steps = batch['label'].shape[0] if batch['label'].ndim == 2 else 1
     key = (kind, tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())))
     if key not in self._executables:
-      self._executables[key] = self._jit(kind, steps).lower(state, batch).compile()
+      cache, program = self.executable_cache, (kind, steps, sorted(self.compiler_options.items()))
+      compiled = cache.load(program, state, batch) if cache is not None else None
+      if compiled is None:
+        compiled, compiled_here = executable_cache_lib.compile(
+            self._jit(kind, steps).lower(state, batch), self.compiler_options)
+        if cache is not None and compiled_here:
+          cache.store(program, state, batch, compiled)
+      self._executables[key] = compiled
       self.compiles += 1
     return self._executables[key]
 

@@ -33,8 +33,10 @@ from sse_sam_jax.train import dispatch
 from sse_sam_jax.train import evaluate as eval_lib
 from sse_sam_jax.train import resume
 from sse_sam_jax.train import setup
+from sse_sam_jax.train import step as step_lib
 from sse_sam_jax.train import workdir as workdir_lib
 from sse_sam_jax.train.checkpointing import Checkpoints
+from sse_sam_jax.train.executable_cache import ExecutableCache
 from sse_sam_jax.train.run_log import MetricLog, plot_per_class
 from sse_sam_jax.train.step import CompiledTrainStep
 
@@ -52,7 +54,7 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   run's results are returned as saved, without building or compiling anything.
   ``restart`` moves an existing run aside and starts fresh. ``stop_after_steps``
   stops early (as if killed) after that many steps; for tests. Returns the
-  final metrics (test, and val if held out); ``{'stopped_at': step, ...}`` for a
+  final metrics (test, and val if held out); ``{'stopped_at': step, 'compile_s': ...}`` for a
   run stopped early or by SIGTERM (``'preempted': True``).
   """
   config_lib.validate(c)
@@ -254,14 +256,22 @@ def sigterm_flag():
 # The loop
 # ----------------------------------------------------------------------------
 def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
+  cache_dir = use_compilation_cache(c.compilation_cache_dir, workdir)
   run = setup.prepare(c)
   spe, total_steps = run.steps_per_epoch, c.epochs * run.steps_per_epoch
   n_dev = run.mesh.devices.size
+  executables = None
+  if cache_dir is not None and workdir_lib.is_local(cache_dir):
+    executables = ExecutableCache(cache_dir / 'executables', {
+        'config': c.to_dict(), 'class_counts': run.stats.counts.tolist(),
+        'train_examples': len(run.data.train), 'example_shape': run.data.train.x.shape[1:]})
   train_step = CompiledTrainStep(
       run.model, run.tx, run.loss, run.class_groups, boundaries=run.boundaries,
       state_sharding=run.state_sharding, batch_sharding=run.batch_sharding,
       per_device_axis=run.scope.per_device_axis, microbatch=run.scope.microbatch,
-      sharpness_step_at=run.sharpness_step_at, running_stats=c.model.running_stats)
+      sharpness_step_at=run.sharpness_step_at, running_stats=c.model.running_stats,
+      executable_cache=executables,
+      compiler_options=step_lib.compiler_options(c.cpu_convolutions))
   layout = dict(run.scope.layout(c, n_dev), model_signature=resume.model_signature(run.state))
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
   log, batch_iter = None, None
@@ -279,7 +289,6 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
         process_count=jax.process_count()))
     if start_step:
       batch_iter.set_state({'next_index': start_step})
-    use_compilation_cache(c.compilation_cache_dir, workdir)
     plan = dispatch.DispatchPlan(dispatch.steps_per_dispatch(c), spe,
                                  run.spec.full_batches(len(run.data.train)), run.boundaries)
     compile_s = train_step.precompile(state, programs=dispatch.programs(
@@ -289,7 +298,7 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
     print(f'{c.data.name}: {len(run.data.train)} train examples, class counts '
           f'{run.stats.counts.min()}..{run.stats.counts.max()}, {spe} steps/epoch; '
           f'{c.optimizer.name}, {n_dev} device(s); {train_step.compiles} program(s) compiled '
-          f'in {compile_s:.1f}s.')
+          f'in {compile_s:.1f}s{_loaded_note(executables)}.')
     report = MetricReport(c, log, checkpoints, workdir, total_steps)
     evaluation = Evaluation(c, run, log)
     epoch_actions = (HessianProbe(c, run, log),)
@@ -325,9 +334,9 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
           checkpointer(step, step // spe, False, state, batch_iter.get_state(), force=True)
           print(f'SIGTERM: checkpoint saved at step {step} in {workdir}; rerun the same command '
                 'to resume.', flush=True)
-          return {'stopped_at': step, 'preempted': True}
+          return {'stopped_at': step, 'preempted': True, 'compile_s': compile_s}
         if stop_after_steps is not None and step >= stop_after_steps:
-          return {'stopped_at': step}
+          return {'stopped_at': step, 'compile_s': compile_s}
         epochs_done, last = step // spe, step >= total_steps
         t0 = time.perf_counter()
         scalars, score = evaluation(step, epochs_done, last, state)
@@ -341,7 +350,8 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
               'eval_s': round(evaluation.seconds, 3),
               'checkpoint_s': round(checkpointer.seconds, 3),
               'data_wait_s': round(report.totals['data_wait_s'], 3),
-              'steps': report.totals['steps'], 'examples': report.totals['examples']}
+              'steps': report.totals['steps'], 'examples': report.totals['examples'],
+              'programs_loaded': executables.loaded if executables is not None else 0}
     step_s = loop_s - evaluation.seconds - checkpointer.seconds
     timing['examples_per_s'] = round(report.totals['examples'] / max(step_s, 1e-9), 1)
     return _final_results(c, run, evaluation, state, workdir, total_steps, loop_s,
@@ -362,10 +372,18 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
       data_lib.wait_for_shared_memory_release()  # unlinked before the process may exit
 
 
-def use_compilation_cache(setting: str, workdir) -> None:
+def _loaded_note(executables) -> str:
+  if executables is None or not executables.loaded:
+    return ''
+  return f' ({executables.loaded} loaded from {executables.directory})'
+
+
+def use_compilation_cache(setting: str, workdir):
   """JAX's persistent compilation cache: ``'workdir'`` (default) keeps it in
   ``workdir/compilation_cache``, so a rerun or resume loads its programs instead of
-  compiling them; a path puts it there (share one across runs); ``''`` turns it off."""
+  compiling them; a path puts it there (share one across runs); ``''`` turns it off.
+  Returns the folder (None when off); the trainer keeps its serialized training
+  programs in its ``executables/`` (:mod:`sse_sam_jax.train.executable_cache`)."""
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   path = None if not setting else (workdir / 'compilation_cache' if setting == 'workdir'
                                    else workdir_lib.as_path(setting))
@@ -376,6 +394,7 @@ def use_compilation_cache(setting: str, workdir) -> None:
     path.mkdir(parents=True, exist_ok=True)  # (again, after a --restart moved it)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  return path
 
 
 def throughput_line(timing: dict) -> str:
