@@ -155,14 +155,19 @@ def measure(name: str, c, root: pathlib.Path) -> dict:
   return out
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--runs', default='main,resnet')
-  parser.add_argument('--resnet-epochs', type=int, default=3)
+def add_resnet_arguments(parser, epochs: int) -> None:
+  """The ``resnet`` run's options (also ``benchmarks/resume_compile.py``'s)."""
+  parser.add_argument('--resnet-epochs', type=int, default=epochs)
   parser.add_argument('--resnet-model', default='resnet32')
   parser.add_argument('--resnet-batch', type=int, default=128)
   parser.add_argument('--resnet-examples', type=int, default=1280)
   parser.add_argument('--num-workers', type=int, default=0)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--runs', default='main,resnet')
+  add_resnet_arguments(parser, epochs=3)
   parser.add_argument('--steps-per-dispatch', type=int, default=None,
                       help='default: the config default')
   parser.add_argument('--out', default='benchmarks/results/loop_efficiency.json')

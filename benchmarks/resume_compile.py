@@ -88,11 +88,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--runs', default='main,resnet')
   parser.add_argument('--stop-after', type=int, default=200)
-  parser.add_argument('--resnet-model', default='resnet32')
-  parser.add_argument('--resnet-batch', type=int, default=128)
-  parser.add_argument('--resnet-examples', type=int, default=1280)
-  parser.add_argument('--resnet-epochs', type=int, default=2)
-  parser.add_argument('--num-workers', type=int, default=0)
+  loop_efficiency.add_resnet_arguments(parser, epochs=2)
   parser.add_argument('--out', default='benchmarks/results/resume_compile.json')
   args = parser.parse_args()
   rows = {}
