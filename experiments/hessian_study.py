@@ -23,7 +23,6 @@ skipped: the sweep resumes).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import pathlib
 import sys
@@ -32,7 +31,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from study import METHODS, RESULTS, RUNS_DIR, config_for  # pylint: disable=wrong-import-position
+from study import METHODS, RESULTS, RUNS_DIR, config_for, write_csv  # pylint: disable=wrong-import-position
 
 SETTING = 'B'
 HEAD_EXAMPLES = 512
@@ -218,17 +217,11 @@ def plots(rows) -> None:
 def report() -> None:
   rows = collect()
   if rows:  # fresh JSONs on disk: rewrite the CSV from them
-    with (RESULTS / 'hessian_B.csv').open('w', newline='') as f:
-      writer = csv.DictWriter(f, fieldnames=FIELDS)
-      writer.writeheader()
-      writer.writerows(rows)
+    write_csv(RESULTS / 'hessian_B.csv', rows, FIELDS)
     plots(rows)
   checks = collect_checks()
   if checks:
-    with (RESULTS / 'hessian_check_B.csv').open('w', newline='') as f:
-      writer = csv.DictWriter(f, fieldnames=list(checks[0]))
-      writer.writeheader()
-      writer.writerows(checks)
+    write_csv(RESULTS / 'hessian_check_B.csv', checks)
   print(f'{len(rows)} rows, {len(checks)} check rows')
 
 

@@ -318,16 +318,21 @@ def rows(setting: str) -> list[dict]:
   return out
 
 
-def write_csv() -> None:
+def write_csv(path: pathlib.Path, table: list[dict], fields=None) -> None:
+  """``table`` as a CSV with a header (``fields``: default the first row's keys)."""
+  with path.open('w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=fields or list(table[0]))
+    writer.writeheader()
+    writer.writerows(table)
+
+
+def write_study_csvs() -> None:
   for setting in SETTINGS:
     table = rows(setting)
     if not table:
       continue
     path = RESULTS / f'study_{setting}.csv'
-    with path.open('w', newline='') as f:
-      writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-      writer.writeheader()
-      writer.writerows(sorted(table, key=lambda r: (r['run'], r['seed'])))
+    write_csv(path, sorted(table, key=lambda r: (r['run'], r['seed'])), CSV_FIELDS)
     print(f'wrote {path} ({len(table)} runs)')
 
 
@@ -357,7 +362,7 @@ def main(argv=None):
   parser.add_argument('--workers', type=int, default=2)
   args = parser.parse_args(argv)
   if args.command == 'csv':
-    write_csv()
+    write_study_csvs()
   elif args.command == 'queue':
     for j in jobs(args.parts):
       print(*j, 'done' if result_path(*j).exists() else '')
@@ -373,7 +378,7 @@ def main(argv=None):
       wall = time.perf_counter() - t0
       log_wall(args.parts, args.workers, wall, len(finished()) - done)
     print(f'study: {wall:.0f}s wall with {args.workers} workers; exit codes {codes}')
-    write_csv()
+    write_study_csvs()
     sys.exit(max(codes))
 
 

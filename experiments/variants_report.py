@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from study import RESULTS, VARIANTS_DIR, config_for, load  # pylint: disable=wrong-import-position
+from study import RESULTS, VARIANTS_DIR, config_for, load, write_csv  # pylint: disable=wrong-import-position
 
 SETTING = 'B'
 REFERENCE = 'sse_sam'
@@ -146,11 +146,7 @@ def main(argv=None):
   csv_path = RESULTS / f'variants_{SETTING}.csv'
   runs = load(SETTING, VARIANTS_DIR, METHODS)
   if any(runs.get(n) for n in METHODS):  # fresh runs on disk: rewrite the table from them
-    rows = rows_from_runs(runs)
-    with csv_path.open('w', newline='') as f:
-      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-      writer.writeheader()
-      writer.writerows(rows)
+    write_csv(csv_path, rows_from_runs(runs))
   with csv_path.open() as f:
     rows = [dict(r, seed=int(r['seed'])) for r in csv.DictReader(f)]
   text = report(rows)
