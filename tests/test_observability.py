@@ -120,7 +120,7 @@ def test_only_executables_xla_compiled_in_this_process_are_stored(tmp_path):
     return s * b.sum() + 1.2345
   s, b = jnp.ones(3), jnp.arange(5.0)
   lower = lambda: jax.jit(lambda s, b: fn(s, b)).lower(s, b)  # a new trace each time
-  _, compiled_here = executable_cache_lib.compile(lower())
-  again, compiled_here_again = executable_cache_lib.compile(lower())
+  _, compiled_here = executable_cache_lib.compile_lowered(lower())
+  again, compiled_here_again = executable_cache_lib.compile_lowered(lower())
   assert compiled_here and not compiled_here_again
   np.testing.assert_allclose(again(s, b), fn(s, b))

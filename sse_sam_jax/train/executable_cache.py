@@ -21,7 +21,7 @@ A file that cannot be read back (damaged, written by another jaxlib) is deleted
 and the program compiled again; writes are atomic (a temporary file, then a
 rename). Off with the persistent cache (``compilation_cache_dir=''``).
 
-Only executables XLA compiled in this process are stored (:func:`compile`): on
+Only executables XLA compiled in this process are stored (:func:`compile_lowered`): on
 XLA:CPU (jaxlib 0.12) an executable that was itself deserialized, e.g. a hit of
 JAX's persistent cache, serializes to a payload whose loaded copy fails at run
 time ("Function ... not found").
@@ -45,7 +45,6 @@ import jax
 _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy')
 _PERSISTENT_CACHE_HIT = '/jax/compilation_cache/cache_hits'
 _hits = threading.local()
-_listening = []
 
 
 def _count_hit(event: str, **kwargs) -> None:
@@ -54,12 +53,15 @@ def _count_hit(event: str, **kwargs) -> None:
     _hits.count = getattr(_hits, 'count', 0) + 1
 
 
-def compile(lowered, compiler_options=None):  # pylint: disable=redefined-builtin
+@functools.cache
+def _listen_for_hits() -> None:
+  jax.monitoring.register_event_listener(_count_hit)
+
+
+def compile_lowered(lowered, compiler_options=None):
   """``lowered.compile(compiler_options)``, and whether XLA compiled it here (False
   where JAX's persistent cache supplied it: such an executable must not be stored)."""
-  if not _listening:
-    jax.monitoring.register_event_listener(_count_hit)
-    _listening.append(True)
+  _listen_for_hits()
   before = getattr(_hits, 'count', 0)
   compiled = lowered.compile(compiler_options=compiler_options or None)
   return compiled, getattr(_hits, 'count', 0) == before
@@ -133,7 +135,7 @@ class ExecutableCache:
     base = json.dumps({'run': fingerprint, 'env': environment()}, sort_keys=True,
                       default=repr)
     self._base = hashlib.sha256(base.encode()).hexdigest()
-    self.loaded = self.stored = 0
+    self.loaded = 0
 
   def _path(self, program, state, batch) -> pathlib.Path:
     key = json.dumps([self._base, repr(program), _spec(state), _spec(batch)], default=repr)
@@ -168,5 +170,4 @@ class ExecutableCache:
     tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex}.tmp')
     tmp.write_bytes(payload)
     os.replace(tmp, path)
-    self.stored += 1
     return True

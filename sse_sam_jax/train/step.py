@@ -40,7 +40,7 @@ RUNNING_STATS = ('clean', 'last_perturbed')
 CPU_CONVOLUTIONS = ('eigen', 'ynnpack')
 
 
-def compiler_options(cpu_convolutions: str = 'ynnpack') -> dict:
+def compiler_options(cpu_convolutions: str) -> dict:
   """XLA options for the train step: ``'eigen'`` on XLA:CPU keeps XLA's default
   YNNPACK fusions (dots, reductions) except the convolutions, which Eigen runs.
 
@@ -266,7 +266,7 @@ class CompiledTrainStep:
       cache, program = self.executable_cache, (kind, steps, sorted(self.compiler_options.items()))
       compiled = cache.load(program, state, batch) if cache is not None else None
       if compiled is None:
-        compiled, compiled_here = executable_cache_lib.compile(
+        compiled, compiled_here = executable_cache_lib.compile_lowered(
             self._jit(kind, steps).lower(state, batch), self.compiler_options)
         if cache is not None and compiled_here:
           cache.store(program, state, batch, compiled)
