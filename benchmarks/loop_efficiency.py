@@ -155,6 +155,16 @@ def measure(name: str, c, root: pathlib.Path) -> dict:
   return out
 
 
+def run_config(name: str, args, root: pathlib.Path):
+  """The config of run ``main`` or ``resnet`` (its ``.npz`` written under ``root``)."""
+  if name == 'main':
+    return main_job_config()
+  if name == 'resnet':
+    return resnet_config(make_cifar_shaped_npz(root / 'cifar_shaped.npz',
+                                               args.resnet_examples), args)
+  raise SystemExit(f'unknown run {name!r}')
+
+
 def add_resnet_arguments(parser, epochs: int) -> None:
   """The ``resnet`` run's options (also ``benchmarks/resume_compile.py``'s)."""
   parser.add_argument('--resnet-epochs', type=int, default=epochs)
@@ -177,13 +187,7 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp)
     for name in args.runs.split(','):
-      if name == 'main':
-        c = main_job_config()
-      elif name == 'resnet':
-        c = resnet_config(make_cifar_shaped_npz(root / 'cifar_shaped.npz',
-                                                args.resnet_examples), args)
-      else:
-        raise SystemExit(f'unknown run {name!r}')
+      c = run_config(name, args, root)
       if args.steps_per_dispatch:
         c.steps_per_dispatch = args.steps_per_dispatch
       results[name] = measure(name, c, root)

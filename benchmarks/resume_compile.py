@@ -95,15 +95,9 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp)
     for name in args.runs.split(','):
-      if name == 'main':
-        c, stop = loop_efficiency.main_job_config(), args.stop_after
-      elif name == 'resnet':
-        npz = loop_efficiency.make_cifar_shaped_npz(root / 'cifar_shaped.npz',
-                                                    args.resnet_examples)
-        c = loop_efficiency.resnet_config(npz, args)
-        stop = max(1, args.resnet_examples // args.resnet_batch // 2)  # mid first epoch
-      else:
-        raise SystemExit(f'unknown run {name!r}')
+      c = loop_efficiency.run_config(name, args, root)
+      stop = (args.stop_after if name == 'main'
+              else max(1, args.resnet_examples // args.resnet_batch // 2))  # mid first epoch
       rows[name] = measure(name, c, stop, root)
   out = {'device': jax.devices()[0].device_kind, 'platform': platform.platform(),
          'cpu_count': os.cpu_count(), 'jax': jax.__version__, 'runs': rows}
