@@ -9,6 +9,7 @@ Each test runs in a subprocess with 8 fake CPU devices
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ def run_with_devices(script, *args, devices=8, timeout=600):
 
 
 PER_DEVICE = r'''
-import json, sys
+import functools, json, sys
 sys.path.insert(0, sys.argv[1])
 import jax, jax.numpy as jnp, numpy as np, optax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -59,6 +60,18 @@ for name, direction in [('sam', lambda: ssj.sam(0.05)), ('imbsam', lambda: ssj.i
   ref_params, ref_stats, ref_opt = params0, stats0, ref_tx.init(params0)
   dir_tx = direction()
   dir_states = [dir_tx.init(params0) for _ in range(8)]
+
+  @functools.partial(jax.jit, static_argnums=6)
+  def shard_direction(params, stats, dir_state, xk, yk, s, stage):
+    def loss_fn(p):
+      return loss(model.apply(p, stats, xk, train=True)[0], yk, s)
+    g = jax.grad(lambda p: loss_fn(p).mean())(params)
+    kw = dict(loss_fn=loss_fn, group_ids=jnp.asarray(groups)[yk])
+    if stage is not None:
+      kw['stage'] = stage
+    d, dir_state = dir_tx.update(g, dir_state, params, **kw)
+    return d, dir_state, model.apply(params, stats, xk, train=True)[1]
+
   for s in range(4):
     x = rng.normal(size=(B, D)); y = rng.integers(0, C, B)
     y[:8] = 0  # devices 0 and 1 hold no tail example
@@ -67,15 +80,11 @@ for name, direction in [('sam', lambda: ssj.sam(0.05)), ('imbsam', lambda: ssj.i
     dirs, new_stats = [], []
     for k in range(8):
       xk, yk = jnp.asarray(x[4*k:4*k+4]), jnp.asarray(y[4*k:4*k+4], jnp.int32)
-      def loss_fn(p):
-        return loss(model.apply(p, ref_stats, xk, train=True)[0], yk, s)
-      new_stats.append(model.apply(ref_params, ref_stats, xk, train=True)[1])
-      g = jax.grad(lambda p: loss_fn(p).mean())(ref_params)
-      kw = dict(loss_fn=loss_fn, group_ids=jnp.asarray(groups)[yk])
-      if name == 'sse_sam':
-        kw['stage'] = ssj.stage_at(s, [2])
-      d, dir_states[k] = dir_tx.update(g, dir_states[k], ref_params, **kw)
+      d, dir_states[k], stats = shard_direction(
+          ref_params, ref_stats, dir_states[k], xk, yk, s,
+          ssj.stage_at(s, [2]) if name == 'sse_sam' else None)
       dirs.append(d)
+      new_stats.append(stats)
     mean_dir = jax.tree.map(lambda *a: sum(a) / 8, *dirs)
     upd, ref_opt = ref_tx.update(mean_dir, ref_opt, ref_params)
     ref_params = optax.apply_updates(ref_params, upd)
@@ -101,15 +110,25 @@ LAYOUTS = r'''
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import jax, jax.numpy as jnp, numpy as np, optax
+from flax import nnx
 import sse_sam_jax as ssj
 from sse_sam_jax import losses, models
+from sse_sam_jax.models.resnet import batch_norm, conv
 from sse_sam_jax.train import CompiledTrainStep, init_state, sharding
 from sse_sam_jax.train.step import MICROBATCH_AXIS
 
 jax.config.update('jax_enable_x64', True)
 B, C = 32, 4
 groups = np.array([0, 0, 1, 1], np.int32)
-model, params0, stats0 = models.create('conv1d', C)
+
+class OneConv(nnx.Module):  # Conv1d-BN-ReLU, pool, Dense: every kind of state in a third of
+  def __init__(self, rngs):  # the 1D CNN's layers (and of its compile time: ~40 s a test)
+    self.conv, self.bn = conv(1, 64, 5, 2, rngs, use_bias=True, ndim=1), batch_norm(64, rngs)
+    self.head = nnx.Linear(64, C, rngs=rngs)
+  def __call__(self, x):
+    return self.head(jnp.mean(nnx.relu(self.bn(self.conv(x[..., None]))), axis=1))
+
+model, params0, stats0 = models.functional(OneConv(nnx.Rngs(0)))
 params0 = jax.tree.map(lambda x: np.asarray(x, np.float64), params0)
 stats0 = jax.tree.map(lambda x: np.asarray(x, np.float64), stats0)
 loss = lambda logits, y, step: losses.cross_entropy(logits, y)
@@ -149,7 +168,6 @@ out = {}
 for method in sys.argv[2:]:
   one = run(method, 1)
   fsdp = run(method, 8, params='fsdp')
-  kernel = fsdp.params['conv1']['kernel'] if 'conv1' in fsdp.params else None
   out[method] = {
       'global8': diff(run(method, 8), one),
       'global8_fsdp': diff(fsdp, one),
@@ -178,15 +196,16 @@ print(json.dumps(out))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('method', ['sam', 'sse_sam'])
-def test_layouts_agree_in_float64(method):
+def test_layouts_agree_in_float64():
   """Global mode on 8 devices == 1 device, FSDP == replicated, and microbatches of m
   give the same result on any device count (all float64, to 1e-12); evaluation split
-  over 8 devices gives the same predictions. (ImbSAM's path is SSE-SAM's stage 2, which
-  the sse_sam case runs: steps 2 and 3.)"""
-  out = run_with_devices(LAYOUTS, method)
+  over 8 devices gives the same predictions. SSE-SAM runs both of its stages (steps 0-1
+  perturb head and tail, steps 2-3 are ImbSAM's); the layouts do not depend on the
+  direction, and SAM on 8 devices is compared with 1 in the trainer
+  (``test_trainer.test_eight_fake_devices_match_one_device``) and per device above."""
+  out = run_with_devices(LAYOUTS, 'sse_sam')
   assert out.pop('eval_split_equal')
-  assert set(out) == {method}
+  assert set(out) == {'sse_sam'}
   for method, r in out.items():
     for key in ('global8', 'global8_fsdp', 'per_device_fsdp_vs_replicated',
                 'micro4_1dev_vs_per_device8', 'micro2_per_device8_vs_1dev',
@@ -197,13 +216,13 @@ def test_layouts_agree_in_float64(method):
 
 
 RESHARD = r'''
-import json, sys
+import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import jax, numpy as np
 from tests.test_trainer import make_npz, small_config
 from sse_sam_jax.train import sharding, trainer
 workdir, phase, devices, stop = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-npz = make_npz(workdir + '/blobs.npz')
+npz = make_npz(os.path.dirname(workdir) + '/blobs.npz')  # the same path for copied runs
 c = small_config(npz, **{'optimizer.name': 'sse_sam', 'epochs': 4, 'data.drop_remainder': True,
                          'optimizer.gamma': 0.5, 'num_devices': devices, 'fsdp_min_elements': 256,
                          **json.loads(sys.argv[6])})
@@ -224,14 +243,19 @@ else:
 '''
 
 
-def train_in_steps(tmp_path, name, save_devices, resume_devices, save_overrides,
-                   resume_overrides=None):
+def stop_after_step_17(tmp_path, name, devices, overrides):
+  """A run on ``devices`` devices stopped after step 17 (7 steps/epoch: epoch 2 saved)."""
   (tmp_path / name).mkdir()
-  run_with_devices(RESHARD, tmp_path / name, 'stop', save_devices, 17,  # 7 steps/epoch:
-                   json.dumps(save_overrides))                         # epoch 2 saved
-  return run_with_devices(RESHARD, tmp_path / name, 'run', resume_devices, 0,
-                          json.dumps(save_overrides if resume_overrides is None
-                                     else resume_overrides), devices=resume_devices)
+  run_with_devices(RESHARD, tmp_path / name, 'stop', devices, 17, json.dumps(overrides))
+  return tmp_path / name
+
+
+def resume(stopped, name, devices, overrides):
+  """Resumes a copy of the ``stopped`` run on ``devices`` devices (the stopped run is
+  left as it was, for other resumes)."""
+  shutil.copytree(stopped, stopped.parent / name)
+  return run_with_devices(RESHARD, stopped.parent / name, 'run', devices, 0,
+                          json.dumps(overrides), devices=devices)
 
 
 @pytest.mark.slow
@@ -239,11 +263,13 @@ def test_save_on_8_devices_resume_on_4_and_1_replicated_and_fsdp(tmp_path):
   (tmp_path / 'full').mkdir()
   full = run_with_devices(RESHARD, tmp_path / 'full', 'run', 8, 0, '{}')
   fsdp = {'parameter_sharding': 'fsdp'}
+  replicated8 = stop_after_step_17(tmp_path, 'replicated8', 8, {})
+  fsdp8 = stop_after_step_17(tmp_path, 'fsdp8', 8, fsdp)
   resumed = {
-      'replicated 8 -> 4': train_in_steps(tmp_path, 'r4', 8, 4, {}),
-      'replicated 8 -> 1': train_in_steps(tmp_path, 'r1', 8, 1, {}),
-      'fsdp 8 -> fsdp 4': train_in_steps(tmp_path, 'f4', 8, 4, fsdp),
-      'fsdp 8 -> replicated 1': train_in_steps(tmp_path, 'f1', 8, 1, fsdp, {}),
+      'replicated 8 -> 4': resume(replicated8, 'r4', 4, {}),
+      'replicated 8 -> 1': resume(replicated8, 'r1', 1, {}),
+      'fsdp 8 -> fsdp 4': resume(fsdp8, 'f4', 4, fsdp),
+      'fsdp 8 -> replicated 1': resume(fsdp8, 'f1', 1, {}),
   }
   import numpy as np
   for name, r in resumed.items():
@@ -256,15 +282,16 @@ def test_save_on_8_devices_resume_on_4_and_1_replicated_and_fsdp(tmp_path):
 @pytest.mark.slow
 def test_resume_that_would_change_the_perturbation_is_refused(tmp_path):
   per_device = {'perturbation_scope': 'per_device'}
-  r = train_in_steps(tmp_path, 'pd', 8, 4, per_device)
+  stopped = stop_after_step_17(tmp_path, 'per_device8', 8, per_device)
+  r = resume(stopped, 'on4', 4, per_device)
   assert 'per-device perturbations on 8 devices (m = 4' in r['error']
   assert "perturbation_scope='microbatch'" in r['error']
-  r = train_in_steps(tmp_path, 'scope', 8, 8, per_device, {})
+  r = resume(stopped, 'global', 8, {})
   # another scope is another experiment: refused before anything is read
   assert "perturbation_scope: 'per_device' -> 'global'" in r['error'] and '--restart' in r['error']
   # fixed microbatches do not depend on the device count: resuming on 4 is allowed
   micro = {'perturbation_scope': 'microbatch', 'perturbation_microbatch': 2}
-  assert 'params' in train_in_steps(tmp_path, 'micro', 8, 4, micro)
+  assert 'params' in resume(stop_after_step_17(tmp_path, 'micro8', 8, micro), 'micro4', 4, micro)
 
 
 MULTIHOST = r'''
