@@ -36,7 +36,10 @@ def default_config() -> ml_collections.ConfigDict:
       # (another generator seed), instead of a share of the long-tailed train set.
       val_generated=0, data_dir='', npz_path='',
       train_list='', test_list='', image_size=224,
-      batch_size=128, drop_remainder=False, num_workers=0, augment=False, shots='mnist1d'))
+      batch_size=128, drop_remainder=False, num_workers=0, augment=False, shots='mnist1d',
+      # batches made ahead of the loop, in as many threads (per worker process with
+      # num_workers > 0); 0: each batch is made in the loop's thread when it is due
+      prefetch_batches=2))
   # running_stats: BatchNorm running statistics from the 'clean' pass (default) or from
   # the step's 'last_perturbed' pass (what the authors' PyTorch loop folds in last).
   # init: 'flax' (Flax's defaults: LeCun-normal dense kernels, zero biases) or 'torch'
@@ -154,6 +157,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         'steps_per_dispatch=1 (the kind of every step is then chosen on the host).')
   check(int(c.epochs) == c.epochs and c.epochs >= 1, 'epochs must be an integer >= 1.')
   check(c.data.batch_size >= 1, f'data.batch_size must be >= 1, got {c.data.batch_size}.')
+  check(int(c.data.prefetch_batches) == c.data.prefetch_batches and c.data.prefetch_batches >= 0,
+        f'data.prefetch_batches must be an integer >= 0, got {c.data.prefetch_batches}.')
   check(c.data.imbalance_factor >= 1,
         f'data.imbalance_factor must be >= 1, got {c.data.imbalance_factor}.')
   check(0 <= c.data.val_fraction < 1, 'data.val_fraction must lie in [0, 1).')

@@ -285,7 +285,8 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
     batch_iter = iter(data_lib.train_batches(
         run.data.train, run.spec, num_epochs=c.epochs, seed=c.seed,
         augment=augment_lib.pad_crop_flip if c.data.augment else None,  # lazy: RRC + flip
-        num_workers=c.data.num_workers, process_index=jax.process_index(),
+        num_workers=c.data.num_workers, prefetch_batches=c.data.prefetch_batches,
+        process_index=jax.process_index(),
         process_count=jax.process_count()))
     if start_step:
       batch_iter.set_state({'next_index': start_step})
