@@ -43,6 +43,7 @@ import jax
 import numpy as np
 
 from sse_sam_jax.train import config as config_lib
+from sse_sam_jax.train import dispatch
 from sse_sam_jax.train import setup
 from sse_sam_jax.train import trainer
 from sse_sam_jax.train.step import CompiledTrainStep, compiler_options
@@ -125,14 +126,23 @@ def bare_step(c, steps: int, first_step: int) -> dict:
 
 def measure(name: str, c, root: pathlib.Path) -> dict:
   workdir = root / name
+  # The bare step runs the trainer's steady-state steps (the steps after its first log
+  # line: the same stages), once before the trainer and once after: the machine's speed
+  # drifts (on the 2-core VM, +-15% between runs), and the two bracket the trainer.
+  run = setup.prepare(c)
+  total = c.epochs * run.steps_per_epoch
+  plan = dispatch.DispatchPlan(dispatch.steps_per_dispatch(c), run.steps_per_epoch,
+                               run.spec.full_batches(len(run.data.train)), run.boundaries)
+  first_logged = min(s + n for s, n in plan.dispatches(0, total) if s + n >= c.log_every_steps)
+  steady_steps = total - first_logged
+  del run
+  bares = [bare_step(c, steady_steps, first_logged)]
   t0 = time.perf_counter()
   result = trainer.train(c, workdir, progress=False)
   wall = time.perf_counter() - t0
   loop = steady_state(workdir)
-  first_logged = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[0])['step']
-  # The bare step runs the steady-state steps at the same step indices (same stages),
-  # twice: the machine's speed drifts, and the trainer ran between the two.
-  bares = [bare_step(c, loop['steps'], first_logged) for _ in range(2)]
+  assert loop['steps'] == steady_steps, (loop['steps'], steady_steps)
+  bares.append(bare_step(c, steady_steps, first_logged))
   bare = {'examples_per_s': float(np.mean([b['examples_per_s'] for b in bares]))}
   timing = result['timing']
   end_to_end = timing['examples'] / timing['loop_s']
