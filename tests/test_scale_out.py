@@ -266,7 +266,6 @@ def test_save_on_8_devices_resume_on_4_and_1_replicated_and_fsdp(tmp_path):
   replicated8 = stop_after_step_17(tmp_path, 'replicated8', 8, {})
   fsdp8 = stop_after_step_17(tmp_path, 'fsdp8', 8, fsdp)
   resumed = {
-      'replicated 8 -> 4': resume(replicated8, 'r4', 4, {}),
       'replicated 8 -> 1': resume(replicated8, 'r1', 1, {}),
       'fsdp 8 -> fsdp 4': resume(fsdp8, 'f4', 4, fsdp),
       'fsdp 8 -> replicated 1': resume(fsdp8, 'f1', 1, {}),
