@@ -262,8 +262,12 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
   n_dev = run.mesh.devices.size
   executables = None
   if cache_dir is not None and workdir_lib.is_local(cache_dir):
+    # Keyed without the neutral keys (logging, evaluation, workers, ...): a resume that
+    # changes them loads the same programs. Devices and shardings are in the key anyway.
+    trained = {k: v for k, v in workdir_lib.flatten(c.to_dict()).items()
+               if not workdir_lib.is_neutral(k)}
     executables = ExecutableCache(cache_dir / 'executables', {
-        'config': c.to_dict(), 'class_counts': run.stats.counts.tolist(),
+        'config': trained, 'class_counts': run.stats.counts.tolist(),
         'train_examples': len(run.data.train), 'example_shape': run.data.train.x.shape[1:]})
   train_step = CompiledTrainStep(
       run.model, run.tx, run.loss, run.class_groups, boundaries=run.boundaries,

@@ -57,7 +57,8 @@ def flatten(tree, prefix=''):
   return out
 
 
-def _neutral(key: str) -> bool:
+def is_neutral(key: str) -> bool:
+  """Whether the flattened config key ``key`` leaves what is trained unchanged."""
   return any(key == n or (n.endswith('.') and key.startswith(n)) for n in NEUTRAL_KEYS)
 
 
@@ -69,7 +70,7 @@ def config_changes(saved: dict, now: dict, defaults: dict | None = None) -> list
   defaults = flatten(defaults or {})
   changes = []
   for key in sorted(set(saved) | set(now)):
-    if _neutral(key) or saved.get(key) == now.get(key):
+    if is_neutral(key) or saved.get(key) == now.get(key):
       continue
     if key not in saved and key in defaults and now.get(key) == defaults[key]:
       continue
