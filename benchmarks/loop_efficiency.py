@@ -133,7 +133,8 @@ def measure(name: str, c, root: pathlib.Path) -> dict:
   total = c.epochs * run.steps_per_epoch
   plan = dispatch.DispatchPlan(dispatch.steps_per_dispatch(c), run.steps_per_epoch,
                                run.spec.full_batches(len(run.data.train)), run.boundaries)
-  first_logged = min(s + n for s, n in plan.dispatches(0, total) if s + n >= c.log_every_steps)
+  first_logged = min([s + n for s, n in plan.dispatches(0, total) if s + n >= c.log_every_steps]
+                     + [run.steps_per_epoch])  # an epoch's end closes an interval too
   steady_steps = total - first_logged
   del run
   bares = [bare_step(c, steady_steps, first_logged)]
