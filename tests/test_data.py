@@ -248,7 +248,10 @@ def test_pipeline_reads_only_prefetch_batches_ahead(prefetch):
   it = iter(data.train_batches(split, data.BatchSpec(64), num_epochs=1, seed=0,
                                prefetch_batches=prefetch))
   first = next(it)
-  time.sleep(0.5)  # room for the threads to read ahead
+  deadline = time.monotonic() + 10  # the read-ahead happens (a loaded machine: slowly)
+  while images.made < prefetch and time.monotonic() < deadline:
+    time.sleep(0.01)
+  time.sleep(0.3)  # and stops: grain's default had made all 40 batches by now
   assert prefetch <= images.made <= 1 + prefetch
   eager = next(iter(data.train_batches(split, data.BatchSpec(64), num_epochs=1, seed=0,
                                        prefetch_batches=0)))
