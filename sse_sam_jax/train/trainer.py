@@ -260,15 +260,7 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
   run = setup.prepare(c)
   spe, total_steps = run.steps_per_epoch, c.epochs * run.steps_per_epoch
   n_dev = run.mesh.devices.size
-  executables = None
-  if cache_dir is not None and workdir_lib.is_local(cache_dir):
-    # Keyed without the neutral keys (logging, evaluation, workers, ...): a resume that
-    # changes them loads the same programs. Devices and shardings are in the key anyway.
-    trained = {k: v for k, v in workdir_lib.flatten(c.to_dict()).items()
-               if not workdir_lib.is_neutral(k)}
-    executables = ExecutableCache(cache_dir / 'executables', {
-        'config': trained, 'class_counts': run.stats.counts.tolist(),
-        'train_examples': len(run.data.train), 'example_shape': run.data.train.x.shape[1:]})
+  executables = _executable_cache(c, run, cache_dir)
   train_step = CompiledTrainStep(
       run.model, run.tx, run.loss, run.class_groups, boundaries=run.boundaries,
       state_sharding=run.state_sharding, batch_sharding=run.batch_sharding,
@@ -375,6 +367,19 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
       del batch_iter
       gc.collect()
       data_lib.wait_for_shared_memory_release()  # unlinked before the process may exit
+
+
+def _executable_cache(c, run: setup.Run, cache_dir) -> ExecutableCache | None:
+  """The train step's serialized programs beside JAX's cache (local folders only), keyed
+  by what is trained: a resume that changes a neutral key (logging, evaluation, workers,
+  read-ahead) loads the same programs; devices and shardings are in the key anyway."""
+  if cache_dir is None or not workdir_lib.is_local(cache_dir):
+    return None
+  trained = {k: v for k, v in workdir_lib.flatten(c.to_dict()).items()
+             if not workdir_lib.is_neutral(k)}
+  return ExecutableCache(cache_dir / 'executables', {
+      'config': trained, 'class_counts': run.stats.counts.tolist(),
+      'train_examples': len(run.data.train), 'example_shape': run.data.train.x.shape[1:]})
 
 
 def _loaded_note(executables) -> str:
