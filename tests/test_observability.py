@@ -40,8 +40,10 @@ def test_log_lines_and_results_say_where_the_time_went(tmp_path):
 
 def test_a_resumed_run_loads_its_programs_from_the_compilation_cache(tmp_path):
   npz = make_npz(tmp_path / 'blobs.npz')
+  # (3 of the 4 programs built in the background: a stopped run still builds and stores
+  # them all, and the resume loads them in the background)
   c = small_config(npz, **{'epochs': 3, 'optimizer.name': 'sse_sam', 'optimizer.gamma': 0.5,
-                           'compilation_cache_dir': 'workdir'})
+                           'compilation_cache_dir': 'workdir', 'background_compile_threads': 1})
   trainer.train(c, tmp_path / 'run', progress=False, stop_after_steps=10)
   cache = tmp_path / 'run' / 'compilation_cache'
   entries = sorted(p.name for p in cache.iterdir())

@@ -12,7 +12,7 @@ from flax import nnx
 from sse_sam_jax.models import resnet
 
 from sse_sam_jax.train import dispatch, trainer
-from tests.test_trainer import make_npz, small_config
+from tests.test_trainer import make_npz, set_keys, small_config
 
 
 def test_dispatch_plan_keeps_chunks_inside_an_epoch_and_a_stage():
@@ -47,11 +47,17 @@ def _config(npz, k):
 
 def test_several_steps_per_dispatch_train_the_same_and_resume_bit_identically(npz, tmp_path):
   one = trainer.train(_config(npz, 1), tmp_path / 'one', progress=False)
-  four = trainer.train(_config(npz, 4), tmp_path / 'four', progress=False)
-  # stopped at step 5 (inside a chunk's reach), resumed: single steps to the epoch's end
+  # (built in 2 background threads: the 5 programs after the first, while it trains)
+  background = set_keys(_config(npz, 4), background_compile_threads=2)
+  four = trainer.train(background, tmp_path / 'four', progress=False)
+  assert four['timing']['programs_built_in_background'] == 5
+  # stopped at step 5 (inside a chunk's reach), resumed: single steps to the epoch's end;
+  # every program built before step 0
   trainer.train(_config(npz, 4), tmp_path / 'resumed', progress=False, stop_after_steps=5)
   resumed = trainer.train(_config(npz, 4), tmp_path / 'resumed', progress=False)
-  # the resumed run dispatches the same steps together: bit-identical
+  assert resumed['timing']['programs_built_in_background'] == 0
+  # the resumed run dispatches the same steps together: bit-identical (programs built in
+  # the background or not)
   jax.tree.map(np.testing.assert_array_equal, four['state'], resumed['state'])
   assert resumed['test'] == four['test']
   # one program of 4 steps fuses differently from 4 programs: the same to float rounding
@@ -225,3 +231,37 @@ def _ynn_convolutions(hlo: str) -> int:
   bodies = {m.group(1): m.group(2)
             for m in re.finditer(r'^(%[\w.\-]+) \(.*?\{\n(.*?)\n\}', hlo, re.S | re.M)}
   return sum('convolution(' in bodies.get(name, '') for name in called)
+
+
+def test_programs_built_in_the_background_are_each_built_once_and_give_the_same_steps():
+  """``precompile(..., background_threads=1)`` returns with the first program built; the
+  others are built in a thread, a step that needs one waits for it, and a cancelled
+  build (an early stop) leaves the program to be built when it is needed."""
+  import optax
+
+  import sse_sam_jax as ssj
+  from sse_sam_jax import losses, models
+  from sse_sam_jax.train.step import CompiledTrainStep, init_state
+  model, params, stats = models.create('mlp', 3, in_features=4)
+  tx = optax.chain(ssj.sam(0.05), optax.sgd(0.1))
+  loss = lambda logits, y, step: losses.cross_entropy(logits, y)
+  rng = np.random.default_rng(0)
+  batches = [{'x': jnp.asarray(rng.normal(size=(b, 4)), jnp.float32),
+              'label': jnp.asarray(rng.integers(0, 3, b), jnp.int32)} for b in (8, 6, 4)]
+  specs = [jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), b) for b in batches]
+  ends = {}
+  for mode in ('before', 'background', 'cancelled'):
+    step = CompiledTrainStep(model, tx, loss)
+    state = init_state(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, stats), tx)
+    step.precompile(state, specs, background_threads=0 if mode == 'before' else 1)
+    assert step._key(step.kind_at(0), batches[0]) in step._executables  # pylint: disable=protected-access
+    if mode == 'cancelled':
+      step.finish_background(cancel=True)
+    for i, batch in enumerate(batches * 2):
+      state, _ = step(state, batch, i)
+    step.finish_background()
+    assert step.compiles == 3
+    assert step.wait_s >= 0.0
+    ends[mode] = state
+  for mode in ('background', 'cancelled'):
+    jax.tree.map(np.testing.assert_array_equal, ends['before'], ends[mode])

@@ -114,11 +114,13 @@ def replay(meta, arrays, c, steps=None):
   batches = [{'x': jnp.asarray(arrays['x'][s]), 'label': jnp.asarray(arrays['y'][s], jnp.int32)}
              for s in range(meta['steps'] if steps is None else steps)]
   step_fn.precompile(state, [jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                          batches[0])])
+                                          batches[0])],
+                     background_threads=1)  # a later stage's program: built in a thread
   trajectory = []
   for s, batch in enumerate(batches):
     state, _ = step_fn(state, batch, s)
     trajectory.append(to_golden(state.params))
+  step_fn.finish_background()  # (a replay that stops before the switch never waited)
   assert step_fn.compiles == len(boundaries) + 1
   return trajectory, state
 

@@ -98,6 +98,11 @@ def default_config() -> ml_collections.ConfigDict:
   # or '' (off). A rerun or resume then loads its compiled programs; the train step's
   # are kept serialized in its executables/ (loaded without tracing; local paths only).
   c.compilation_cache_dir = 'workdir'
+  # Threads that build the train step's later programs (the last partial batch's, the
+  # next stage's) while the first one trains; 0: every program before step 0; -1 (auto):
+  # 0 on CPUs, whose cores the step needs (the main job on 2 cores: 64 s against 62 s
+  # wall), and min(4, host cores // 4) on GPUs and TPUs.
+  c.background_compile_threads = -1
   # Which library runs the train step's convolutions on XLA:CPU: 'eigen' (XLA's default
   # less its YNNPACK convolutions; their weight gradients ran ~1.6x slower in a ResNet-32
   # step) or 'ynnpack' (XLA's default). Dots and reductions stay on YNNPACK; other
@@ -199,6 +204,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.cpu_convolutions in CPU_CONVOLUTIONS,
         f'cpu_convolutions must be one of {CPU_CONVOLUTIONS}, got '
         f'{c.cpu_convolutions!r}.')
+  check(int(c.background_compile_threads) == c.background_compile_threads
+        and c.background_compile_threads >= -1,
+        'background_compile_threads must be an integer >= 0 (0: every program before step '
+        f'0) or -1 (auto), got {c.background_compile_threads}.')
   check(int(c.steps_per_dispatch) == c.steps_per_dispatch and c.steps_per_dispatch >= 0,
         f'steps_per_dispatch must be an integer >= 0 (0: auto), got {c.steps_per_dispatch}.')
   check(c.hessian.every_epochs >= 0 and c.hessian.lanczos_iters >= 2,

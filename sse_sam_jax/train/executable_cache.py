@@ -141,6 +141,10 @@ class ExecutableCache:
     key = json.dumps([self._base, repr(program), _spec(state), _spec(batch)], default=repr)
     return self.directory / (hashlib.sha256(key.encode()).hexdigest() + '.executable')
 
+  def has(self, program, state, batch) -> bool:
+    """Whether a stored executable of ``program`` exists (it may still fail to load)."""
+    return self._path(program, state, batch).exists()
+
   def load(self, program, state, batch):
     """The stored executable of ``program`` for these state and batch specs, or None."""
     from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top

@@ -9,7 +9,9 @@ sharpness-aware method repeats it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import threading
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -211,6 +213,12 @@ class CompiledTrainStep:
   direction)``) picks the kind of a single step on the host, one program per
   kind, as for stages; a dispatch of several steps leaves the choice to the
   program (``lax.cond``). ``running_stats`` is passed to :func:`train_step`.
+
+  Building in the background: :meth:`precompile` with ``background_threads=n`` builds
+  only the first program it is given before it returns; it traces and lowers the others
+  and leaves their compiles (or loads) to ``n`` threads (XLA compiles without holding
+  Python's lock), in the order given, while the first ones train. A step whose program is still being built waits for it (``wait_s``
+  counts those seconds); every program is still built once, before it first runs.
   """
 
   def __init__(self, model, tx, loss: PerExampleLoss, class_groups=None, *,
@@ -243,6 +251,9 @@ class CompiledTrainStep:
     self._program = program
     self._executables = {}
     self.compiles = 0
+    self._pending, self._pool, self._lock = {}, None, threading.Lock()
+    self.wait_s = 0.0  # seconds steps waited for programs built in the background
+    self.built_in_background = 0  # programs handed to the background threads
 
   def stage_at(self, step: int) -> int:
     return optim_stage_at(step, self.boundaries)
@@ -259,35 +270,90 @@ class CompiledTrainStep:
         kwargs['in_shardings'] = (kwargs['in_shardings'][0], stacked(self.batch_sharding))
     return jax.jit(fn, donate_argnums=(0,), **kwargs)
 
-  def _executable(self, kind, state, batch):
-    steps = batch['label'].shape[0] if batch['label'].ndim == 2 else 1
-    key = (kind, tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())))
-    if key not in self._executables:
-      cache, program = self.executable_cache, (kind, steps, sorted(self.compiler_options.items()))
-      compiled = cache.load(program, state, batch) if cache is not None else None
-      if compiled is None:
-        compiled, compiled_here = executable_cache_lib.compile_lowered(
-            self._jit(kind, steps).lower(state, batch), self.compiler_options)
-        if cache is not None and compiled_here:
-          cache.store(program, state, batch, compiled)
-      self._executables[key] = compiled
-      self.compiles += 1
-    return self._executables[key]
+  @staticmethod
+  def _key(kind, batch):
+    return (kind, tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items())))
 
-  def precompile(self, state, batch_shapes=(), *, programs=()) -> float:
-    """Compiles every stage for every batch shape of ``batch_shapes`` (both kinds of
-    step where ``sharpness_step_at`` chooses), and the ``((stage, sharpness_step),
-    batch shape)`` pairs of ``programs``; returns the seconds it took."""
+  def _executable(self, kind, state, batch):
+    key = self._key(kind, batch)
+    if key in self._executables:
+      return self._executables[key]
+    compiled, pending = None, self._pending.get(key)
+    if pending is not None:
+      t0 = time.perf_counter()
+      compiled = pending.result()
+      self.wait_s += time.perf_counter() - t0
+    for _ in range(2):  # None: a stored program failed to load (the file is gone now)
+      if compiled is None:
+        compiled = self._start(kind, state, batch)()
+    return compiled
+
+  def _start(self, kind, state, batch):
+    """Starts building a program; returns the function that finishes it, and keeps the
+    program, on any thread. Tracing and lowering read JAX's thread-local settings
+    (``jax.enable_x64``, the matmul precision), so they happen here, on the caller's
+    thread; XLA's compile, or the load of a stored program, is left to the function,
+    which returns None where the stored program fails to load."""
+    steps = batch['label'].shape[0] if batch['label'].ndim == 2 else 1
+    cache, program = self.executable_cache, (kind, steps, sorted(self.compiler_options.items()))
+
+    def keep(compiled):
+      if compiled is not None:
+        with self._lock:
+          self._executables[self._key(kind, batch)] = compiled
+          self.compiles += 1
+      return compiled
+
+    if cache is not None and cache.has(program, state, batch):
+      return lambda: keep(cache.load(program, state, batch))
+    lowered = self._jit(kind, steps).lower(state, batch)
+
+    def compile_lowered():
+      compiled, compiled_here = executable_cache_lib.compile_lowered(
+          lowered, self.compiler_options)
+      if cache is not None and compiled_here:
+        cache.store(program, state, batch, compiled)
+      return keep(compiled)
+
+    return compile_lowered
+
+  def precompile(self, state, batch_shapes=(), *, programs=(),
+                 background_threads: int = 0) -> float:
+    """Builds every stage for every batch shape of ``batch_shapes`` (both kinds of
+    step where ``sharpness_step_at`` chooses), then the ``((stage, sharpness_step),
+    batch shape)`` pairs of ``programs``, in that order; returns the seconds it took.
+    With ``background_threads`` only the first is built before it returns; the others
+    are lowered here and compiled in that many threads (see the class docs;
+    :meth:`finish_background`)."""
     t0 = time.perf_counter()
     state_spec = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
         state)
     kinds = (None,) if self.sharpness_step_at(0) is None else (True, False)
     pairs = [((stage, kind), b) for b in batch_shapes for stage in range(self.num_stages)
-             for kind in kinds]
-    for kind, batch in pairs + list(programs):
+             for kind in kinds] + list(programs)
+    now, later = (pairs, []) if background_threads < 1 else (pairs[:1], pairs[1:])
+    for kind, batch in now:
       self._executable(kind, state_spec, batch)
+    for kind, batch in later:
+      key = self._key(kind, batch)
+      if key in self._executables or key in self._pending:
+        continue
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            int(background_threads), thread_name_prefix='compile')
+      self._pending[key] = self._pool.submit(self._start(kind, state_spec, batch))
+      self.built_in_background += 1
     return time.perf_counter() - t0
+
+  def finish_background(self, cancel: bool = False) -> None:
+    """Waits for the programs still being built; ``cancel`` (a run that ends early on
+    an error or a signal) drops those not started and does not wait."""
+    if self._pool is not None:
+      self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+      self._pool = None
+    self._pending = {k: f for k, f in self._pending.items()
+                     if not f.cancelled() and k not in self._executables}
 
   def __call__(self, state: TrainState, batch: dict, step: int):
     """Runs step number ``step`` (a host int: the count of steps done before it), or the

@@ -288,14 +288,17 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
       batch_iter.set_state({'next_index': start_step})
     plan = dispatch.DispatchPlan(dispatch.steps_per_dispatch(c), spe,
                                  run.spec.full_batches(len(run.data.train)), run.boundaries)
-    compile_s = train_step.precompile(state, programs=dispatch.programs(
-        run, plan.dispatches(start_step, total_steps), train_step))
+    needed = dispatch.programs(run, plan.dispatches(start_step, total_steps), train_step)
+    first_compile_s = train_step.precompile(
+        state, programs=needed, background_threads=dispatch.background_compile_threads(c))
     log = MetricLog(workdir)
     log.discard_after(start_step)
+    later = train_step.built_in_background
     print(f'{c.data.name}: {len(run.data.train)} train examples, class counts '
           f'{run.stats.counts.min()}..{run.stats.counts.max()}, {spe} steps/epoch; '
-          f'{c.optimizer.name}, {n_dev} device(s); {train_step.compiles} program(s) compiled '
-          f'in {compile_s:.1f}s{_loaded_note(executables)}.')
+          f'{c.optimizer.name}, {n_dev} device(s); {len(needed) - later} program(s) built '
+          f'in {first_compile_s:.1f}s{_loaded_note(executables)}'
+          + (f', {later} more in the background.' if later > 0 else '.'))
     report = MetricReport(c, log, checkpoints, workdir, total_steps)
     evaluation = Evaluation(c, run, log)
     epoch_actions = (HessianProbe(c, run, log),)
@@ -314,7 +317,9 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
           t0 = time.perf_counter()
           batch = dispatch.device_batch([next(batch_iter) for _ in range(n)], step, run)
           data_s = time.perf_counter() - t0
+          waited = train_step.wait_s
           state, metrics = train_step(state, batch, step)
+          report.pause(train_step.wait_s - waited)  # a program built in the background
           report.add(metrics, batch['label'].size, data_s, steps=n)
           step += n
           bar.update(n)
@@ -331,9 +336,13 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
           checkpointer(step, step // spe, False, state, batch_iter.get_state(), force=True)
           print(f'SIGTERM: checkpoint saved at step {step} in {workdir}; rerun the same command '
                 'to resume.', flush=True)
-          return {'stopped_at': step, 'preempted': True, 'compile_s': compile_s}
+          return {'stopped_at': step, 'preempted': True,
+                  'compile_s': first_compile_s + train_step.wait_s}
         if stop_after_steps is not None and step >= stop_after_steps:
-          return {'stopped_at': step, 'compile_s': compile_s}
+          t0 = time.perf_counter()
+          train_step.finish_background()  # every program built (and stored) for the resume
+          return {'stopped_at': step,
+                  'compile_s': first_compile_s + train_step.wait_s + time.perf_counter() - t0}
         epochs_done, last = step // spe, step >= total_steps
         t0 = time.perf_counter()
         scalars, score = evaluation(step, epochs_done, last, state)
@@ -343,17 +352,20 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
         report.pause(time.perf_counter() - t0)
     checkpoints.wait()
     loop_s = time.perf_counter() - t_start
+    compile_s = first_compile_s + train_step.wait_s  # what the run waited for programs
     timing = {'compile_s': round(compile_s, 3), 'loop_s': round(loop_s, 3),
               'eval_s': round(evaluation.seconds, 3),
               'checkpoint_s': round(checkpointer.seconds, 3),
               'data_wait_s': round(report.totals['data_wait_s'], 3),
               'steps': report.totals['steps'], 'examples': report.totals['examples'],
-              'programs_loaded': executables.loaded if executables is not None else 0}
-    step_s = loop_s - evaluation.seconds - checkpointer.seconds
+              'programs_loaded': executables.loaded if executables is not None else 0,
+              'programs_built_in_background': train_step.built_in_background}
+    step_s = loop_s - evaluation.seconds - checkpointer.seconds - train_step.wait_s
     timing['examples_per_s'] = round(report.totals['examples'] / max(step_s, 1e-9), 1)
     return _final_results(c, run, evaluation, state, workdir, total_steps, loop_s,
                           train_step.compiles, timing)
   finally:
+    train_step.finish_background(cancel=True)  # (after an error or a signal)
     checkpoints.wait()
     checkpoints.close()
     if log is not None:
@@ -411,7 +423,9 @@ def throughput_line(timing: dict) -> str:
   return (f"throughput: {timing['examples_per_s']:.0f} examples/s over {timing['steps']} steps; "
           f"loop {timing['loop_s']:.1f}s (data wait {timing['data_wait_s']:.1f}s, eval "
           f"{timing['eval_s']:.1f}s, checkpoints {timing['checkpoint_s']:.1f}s), compile "
-          f"{timing['compile_s']:.1f}s")
+          f"{timing['compile_s']:.1f}s" + (
+              f" ({timing['programs_built_in_background']} program(s) built in the background)"
+              if timing.get('programs_built_in_background') else ''))
 
 
 def _final_results(c, run, evaluation, state, workdir, total_steps, train_seconds, compiles,

@@ -32,7 +32,8 @@ class UserError(ValueError):
 # Keys (or key prefixes ending in '.') that do not change what is trained.
 NEUTRAL_KEYS = ('eval.', 'log_every_steps', 'checkpoint.', 'hessian.', 'num_devices',
                 'parameter_sharding', 'fsdp_min_elements', 'data.num_workers',
-                'data.prefetch_batches', 'data.data_dir', 'compilation_cache_dir')
+                'data.prefetch_batches', 'data.data_dir', 'compilation_cache_dir',
+                'background_compile_threads')
 
 CONFIG_FILE = 'config.json'
 
