@@ -32,6 +32,14 @@ main_job() {  # main_job LABEL [ARGS...]
 main_job ''
 main_job ', rerun' --restart
 main_job ', rerun, 1 step per dispatch' --restart --config.steps_per_dispatch=1
+# A cold start both ways, each in a fresh workdir (its own compilation cache): the
+# default (on a GPU the later programs are built in background threads while the first
+# trains) against every program built before step 0.
+for threads in -1 0; do
+  TIMEFORMAT="main job, cold, background_compile_threads=$threads: %R s wall"
+  time (python3 -m sse_sam_jax.cli train --workdir /tmp/main_cold$threads \
+        --config.background_compile_threads=$threads 2>&1 | grep -E 'built|throughput')
+done
 
 ;;
 loop)

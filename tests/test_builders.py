@@ -100,6 +100,7 @@ def test_stage_boundaries_are_read_from_the_transform():
     ('optimizer.base', 'lamb', 'unknown optimizer.base'),
     ('optimizer.clip_norm', -1.0, 'clip_norm must be >= 0'),
     ('optimizer.warmup_epochs', 20, r'warmup_epochs must be an integer in \[0, epochs\)'),
+    ('background_compile_threads', -2, r'background_compile_threads must be an integer >= 0'),
 ])
 def test_bad_builder_keys(key, value, match):
   with pytest.raises(ValueError, match=match):

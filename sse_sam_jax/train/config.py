@@ -100,8 +100,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.compilation_cache_dir = 'workdir'
   # Threads that build the train step's later programs (the last partial batch's, the
   # next stage's) while the first one trains; 0: every program before step 0; -1 (auto):
-  # 0 on CPUs, whose cores the step needs (the main job on 2 cores: 64 s against 62 s
-  # wall), and min(4, host cores // 4) on GPUs and TPUs.
+  # 0 on CPUs, whose cores the step needs (the main job on 2 cores: 60-64 s wall with
+  # one thread against 58-62 s without), and min(4, host cores // 4) on GPUs and TPUs.
   c.background_compile_threads = -1
   # Which library runs the train step's convolutions on XLA:CPU: 'eigen' (XLA's default
   # less its YNNPACK convolutions; their weight gradients ran ~1.6x slower in a ResNet-32

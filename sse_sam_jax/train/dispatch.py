@@ -3,7 +3,8 @@
 ``steps_per_dispatch`` consecutive full batches of one epoch and one stage run as one
 compiled program (:func:`sse_sam_jax.train.step.scan_steps`); :class:`DispatchPlan`
 decides the grouping from the step index alone, :func:`programs` lists the programs
-a run needs (compiled before step 0), and :func:`device_batch` stacks the host
+a run needs in the order of first use (built before step 0, or the first one before and
+the others in background threads: :func:`background_compile_threads`), and :func:`device_batch` stacks the host
 batches of a dispatch and places them on the mesh.
 """
 
@@ -34,9 +35,10 @@ def steps_per_dispatch(c) -> int:
 
 def background_compile_threads(c) -> int:
   """The config's ``background_compile_threads``; -1 (auto) is 0 on CPUs and
-  ``min(4, host cores // 4)`` (at least 1) on accelerators. On 2 CPU cores the compile
-  threads took the step's cores: the main job's loop ran 25% slower and its wall time
-  did not drop (64 s against 62 s)."""
+  ``min(4, host cores // 4)`` (at least 1) on accelerators. On 2 CPU cores a compile
+  thread takes the step's cores: the main job waited 6.2-6.5 s for programs instead of
+  12.0-13.2 s, but its loop ran 20-25% slower, and its wall time did not drop (59.8 and
+  63.9 s with one thread, 57.9 and 61.9 s without)."""
   if c.background_compile_threads >= 0:
     return int(c.background_compile_threads)
   if jax.default_backend() == 'cpu':
