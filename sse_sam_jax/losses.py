@@ -31,31 +31,43 @@ def cross_entropy(logits, labels, class_weights=None, normalize_weights: bool = 
   return apply_class_weights(losses, labels, class_weights, normalize_weights)
 
 
-def apply_class_weights(losses, labels, class_weights, normalize_weights: bool = True):
+def apply_class_weights(losses, labels, class_weights, normalize_weights: bool = True,
+                        mask=None):
+  """``w[labels] * losses``, normalised as :func:`cross_entropy` says; ``mask`` (bool
+  ``[B]``): the batch is the examples where it is True (padding left out of the sums)."""
   if class_weights is None:
     return losses
   w = jnp.asarray(class_weights, losses.dtype)[labels]
   if normalize_weights:
-    return w * losses * (losses.shape[0] / jnp.maximum(jnp.sum(w), 1e-12))
+    if mask is None:
+      return w * losses * (losses.shape[0] / jnp.maximum(jnp.sum(w), 1e-12))
+    m = mask.astype(losses.dtype)
+    return w * losses * (jnp.sum(m) / jnp.maximum(jnp.sum(w * m), 1e-12))
   return w * losses
 
 
-def group_normalize(losses, group_ids, num_groups: int = 2):
+def group_normalize(losses, group_ids, num_groups: int = 2, mask=None):
   r"""Rescales per-example losses so that their batch mean is the group-normalised loss.
 
   Example :math:`i` of group :math:`g` gets :math:`\ell_i \cdot B / n_g`, :math:`n_g` the
   group's size in the batch, so :math:`\frac1B\sum_i = \sum_g \frac{1}{n_g}\sum_{i\in g}
   \ell_i`: the loss ImbSAM's ``normalization='group'`` sums, here for any optimizer
   (plain SGD on it is ImbSAM with radius 0; SAM on it perturbs along its gradient).
-  Every example's group is non-empty, so nothing divides by zero.
+  Every example's group is non-empty, so nothing divides by zero. ``mask`` (bool
+  ``[B]``): the batch is the examples where it is True (padding: sizes and :math:`B`
+  count the others only; a padded example's factor is finite).
 
   >>> import jax.numpy as jnp
   >>> group_normalize(jnp.array([1.0, 1.0, 1.0, 4.0]), jnp.array([0, 0, 0, 1])).tolist()
   [1.3333333730697632, 1.3333333730697632, 1.3333333730697632, 16.0]
   """
   onehot = group_ids[:, None] == jnp.arange(num_groups)[None, :]
-  sizes = jnp.sum(onehot, axis=0).astype(losses.dtype)
-  return losses * (losses.shape[0] / sizes[group_ids])
+  if mask is None:
+    sizes = jnp.sum(onehot, axis=0).astype(losses.dtype)
+    return losses * (losses.shape[0] / sizes[group_ids])
+  sizes = jnp.sum(onehot & mask[:, None], axis=0).astype(losses.dtype)
+  n = jnp.sum(mask).astype(losses.dtype)
+  return losses * (n / jnp.maximum(sizes, 1)[group_ids])
 
 
 def ldam_margins(class_counts, max_margin: float = 0.5) -> np.ndarray:

@@ -218,3 +218,55 @@ def test_eval_mode_uses_the_running_statistics():
     want = jax.nn.relu(h) @ p['fc2_kernel'] + p['fc2_bias']
   np.testing.assert_allclose(logits, want, rtol=1e-12)
   jax.tree.map(np.testing.assert_array_equal, same, stats)
+
+
+# ---------------------------------------------------------------- the padded last batch
+@pytest.mark.parametrize('overrides', [
+    {},  # SSE-SAM stage 1: head and tail perturbed, group sums over B
+    {'stage': 1},  # its stage 2 (ImbSAM)
+    {'optimizer.name': 'sam', 'loss.name': 'ldam', 'loss.drw_epoch': 0,
+     'model.normed_classifier': True, 'model.running_stats': 'last_perturbed'},
+    {'optimizer.name': 'focal_sam', 'loss.group_normalised': True},
+    {'optimizer.name': 'sgd'},
+], ids=['sse_sam', 'sse_sam_stage2', 'sam_ldam_drw_last_perturbed', 'focal_sam_group_loss',
+        'sgd'])
+def test_a_padded_partial_batch_takes_the_step_of_the_partial_batch(tmp_path, overrides):
+  """The epoch's last batch, padded to a full one with a mask (one program per stage),
+  gives the new state and metrics of the same batch unpadded, in float64 to 1e-9:
+  BatchNorm's batch and running statistics, class-weighted and group-normalised losses,
+  every optimizer's means and group sums over the real examples only."""
+  from sse_sam_jax.train import dispatch
+  from sse_sam_jax.train.step import train_step
+  from tests.test_trainer import make_npz, small_config
+  overrides = dict(overrides)
+  stage = overrides.pop('stage', 0)
+  c = small_config(make_npz(tmp_path / 'blobs.npz'), **overrides)
+  with golden_cases.enable_x64():
+    run = setup.prepare(c)
+    assert run.pads_last_batch and run.model.masks_padding
+    state = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64)
+                         if jnp.issubdtype(a.dtype, jnp.floating) else a, run.state)
+    state = state._replace(step=jnp.asarray(run.steps_per_epoch - 1, jnp.int32))
+    rng = np.random.default_rng(1)
+    rows = run.spec.batch_sizes(len(run.data.train))[-1]  # 226 % 32 = 2 examples
+    ids = rng.choice(len(run.data.train), rows, replace=False)
+    partial = {'x': np.asarray(run.data.train.x[ids], np.float64),
+               'label': run.data.train.label[ids].astype(np.int32), 'step': 0}
+    padded = dispatch.pad(partial, c.data.batch_size, shards=1)
+    assert padded['x'].shape[0] == c.data.batch_size and padded['mask'].sum() == rows
+    step = jax.jit(lambda s, b: train_step(
+        s, b, model=run.model, tx=run.tx, loss=run.loss, class_groups=run.class_groups,
+        stage=stage if run.boundaries else None, running_stats=c.model.running_stats))
+    out = {}
+    for name, batch in (('partial', partial), ('padded', padded)):
+      out[name] = step(jax.tree.map(jnp.copy, state),
+                       {k: jnp.asarray(v) for k, v in batch.items() if k != 'step'})
+  (want, want_m), (got, got_m) = out['partial'], out['padded']
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-9, atol=1e-12)
+  assert int(got_m['count']) == int(want_m['count']) == rows
+  assert int(got_m['correct']) == int(want_m['correct'])
+  np.testing.assert_allclose(float(got_m['loss_sum']), float(want_m['loss_sum']), rtol=1e-6)
+  # the test would see a step that counted the padding (its BatchNorm statistics)
+  leaves = jax.tree.leaves(want.batch_stats)
+  assert leaves and any(np.abs(np.asarray(a)).max() > 0 for a in leaves)

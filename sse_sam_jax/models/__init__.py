@@ -8,6 +8,8 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
+from sse_sam_jax.models import masking
+from sse_sam_jax.models.masking import MaskedBatchNorm
 from sse_sam_jax.models.resnet import CifarResNet, NormedLinear, ResNet, resnet32, resnet34_cifar, resnet50
 from sse_sam_jax.models.small import MLP, Conv1DNet
 
@@ -29,15 +31,20 @@ class FunctionalModel:
   ``apply(params, batch_stats, x, train)`` returns ``(logits, new_batch_stats)``.
   In training mode BatchNorm normalises with the statistics of the whole batch ``x``
   and the returned running statistics are updated; in eval mode they are used and
-  returned unchanged.
+  returned unchanged. ``example_mask`` (bool ``[B]``) leaves the examples where it is
+  False out of the statistics of every :class:`~sse_sam_jax.models.masking.MaskedBatchNorm`
+  (padding); ``masks_padding`` says whether that makes padding invisible to the real
+  examples (see :func:`~sse_sam_jax.models.masking.masks_padding`).
   """
   train_graph: Any
   eval_graph: Any
+  masks_padding: bool = False
 
-  def apply(self, params, batch_stats, x, train: bool):
+  def apply(self, params, batch_stats, x, train: bool, example_mask=None):
     graph = self.train_graph if train else self.eval_graph
     model = nnx.merge(graph, params, batch_stats, copy=True)
-    logits = model(x)
+    with masking.example_mask(example_mask):
+      logits = model(x)
     return logits, nnx.state(model, nnx.BatchStat)
 
 
@@ -86,7 +93,8 @@ def functional(model: nnx.Module):
   train_graph, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   model.eval()
   eval_graph = nnx.graphdef(model)
-  return FunctionalModel(train_graph, eval_graph), params, batch_stats
+  return (FunctionalModel(train_graph, eval_graph, masking.masks_padding(model)), params,
+          batch_stats)
 
 
 def count_params(params) -> int:

@@ -13,12 +13,16 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from sse_sam_jax.models.masking import MaskedBatchNorm
+
 # PyTorch's kaiming_normal_ (fan_in, gain sqrt(2), untruncated normal).
 KAIMING_NORMAL = jax.nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 
 
 def batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+  """PyTorch's defaults; statistics over the real examples of a padded batch
+  (:class:`~sse_sam_jax.models.masking.MaskedBatchNorm`)."""
+  return MaskedBatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=rngs)
 
 
 def conv_general_dilated(lhs, rhs, *args, **kwargs):

@@ -37,6 +37,10 @@ def default_config() -> ml_collections.ConfigDict:
       val_generated=0, data_dir='', npz_path='',
       train_list='', test_list='', image_size=224,
       batch_size=128, drop_remainder=False, num_workers=0, augment=False, shots='mnist1d',
+      # the epoch's last, partial, batch padded to a full one in the full batch's program
+      # (one program per stage, not two); BatchNorm statistics, losses and metrics cover
+      # its real examples only: the same step, to float rounding (sse_sam_jax.models.masking)
+      pad_last_batch=True,
       # batches made ahead of the loop, in as many threads (per worker process with
       # num_workers > 0); 0: each batch is made in the loop's thread when it is due
       prefetch_batches=2))

@@ -80,7 +80,7 @@ def programs(run: setup.Run, dispatches, train_step: CompiledTrainStep) -> list:
   """``((stage, sharpness_step), batch shape)`` of every distinct program the dispatches
   need, sharded, in the order of their first use."""
   example, n_train = tuple(run.data.train.x.shape[1:]), len(run.data.train)
-  sizes = run.spec.batch_sizes(n_train)
+  sizes = run.spec.batch_sizes(n_train)[:1 if run.pads_last_batch else None]
   needed = {}
   for step, n in dispatches:
     last_of_epoch = (step + 1) % run.steps_per_epoch == 0
@@ -90,9 +90,30 @@ def programs(run: setup.Run, dispatches, train_step: CompiledTrainStep) -> list:
   for kind, n, b in needed:
     lead = (n,) if n > 1 else ()
     sharding = step_lib.stacked(run.batch_sharding) if n > 1 else run.batch_sharding
-    out.append((kind, {
-        'x': jax.ShapeDtypeStruct(lead + (b,) + example, np.float32, sharding=sharding),
-        'label': jax.ShapeDtypeStruct(lead + (b,), np.int32, sharding=sharding)}))
+    spec = {'x': jax.ShapeDtypeStruct(lead + (b,) + example, np.float32, sharding=sharding),
+            'label': jax.ShapeDtypeStruct(lead + (b,), np.int32, sharding=sharding)}
+    if run.pads_last_batch:
+      spec['mask'] = jax.ShapeDtypeStruct(lead + (b,), np.bool_, sharding=sharding)
+    out.append((kind, spec))
+  return out
+
+
+def pad(batch: dict, size: int, shards: int) -> dict:
+  """``batch`` (this host's rows) padded to ``size`` rows with a ``'mask'``, False on
+  padding: each of the host's ``shards`` device shards gets an equal share of the real
+  rows first, as the unpadded batch would split (zeros after, label 0)."""
+  rows = len(batch['label'])
+  if rows == size:
+    return dict(batch, mask=np.ones(size, np.bool_))
+  if rows % shards or size % shards:
+    raise ValueError(f'{rows} rows padded to {size} do not split over {shards} shards.')
+  out = {'step': batch['step']}
+  for key in ('x', 'label'):
+    a = batch[key].reshape((shards, rows // shards) + batch[key].shape[1:])
+    widths = [(0, 0), (0, (size - rows) // shards)] + [(0, 0)] * (a.ndim - 2)
+    out[key] = np.pad(a, widths).reshape((size,) + batch[key].shape[1:])
+  real = np.arange(size // shards) < rows // shards
+  out['mask'] = np.tile(real, shards)
   return out
 
 
@@ -100,8 +121,14 @@ def device_batch(batches: list, step: int, run: setup.Run):
   """The host batches of the steps from ``step`` on the mesh (each host holds its rows
   of the global batch); several are stacked along a leading axis."""
   assert [int(b['step']) for b in batches] == list(range(step, step + len(batches)))
+  if run.pads_last_batch:
+    size = run.spec.batch_size // jax.process_count()  # this host's rows of a full batch
+    shards = run.mesh.devices.size // jax.process_count()
+    batches = [pad(b, size, shards) for b in batches]
   host = {'x': np.stack([b['x'] for b in batches]).astype(np.float32, copy=False),
           'label': np.stack([b['label'] for b in batches]).astype(np.int32, copy=False)}
+  if run.pads_last_batch:
+    host['mask'] = np.stack([b['mask'] for b in batches])
   sharding = run.batch_sharding
   if len(batches) == 1:
     host = jax.tree.map(lambda a: a[0], host)

@@ -68,8 +68,10 @@ def class_stats(c, train: data_lib.Split) -> data_lib.ClassStats:
 
 
 def build_loss(c, stats: data_lib.ClassStats, steps_per_epoch: int):
-  """Per-example loss ``(logits, labels, step) -> [B]``; DRW switches on by step;
-  ``loss.group_normalised`` rescales it to the head/tail group-normalised loss."""
+  """Per-example loss ``(logits, labels, step, mask=None) -> [B]``; DRW switches on by
+  step; ``loss.group_normalised`` rescales it to the head/tail group-normalised loss.
+  ``mask`` (bool ``[B]``) leaves padded examples out of the batch sums that class
+  weights and group normalisation divide by."""
   l = c.loss
   weights = None
   if l.drw_epoch >= 0:
@@ -78,22 +80,27 @@ def build_loss(c, stats: data_lib.ClassStats, steps_per_epoch: int):
     weights = lambda step: jnp.where(step >= drw_step, cb, jnp.ones_like(cb))
   margins = losses_lib.ldam_margins(stats.counts, l.ldam_max_margin)
 
-  def per_example(logits, labels, step):
-    w = None if weights is None else weights(step)
+  def unweighted(logits, labels):
     if l.name == 'ce':
-      return losses_lib.cross_entropy(logits, labels, w)
+      return losses_lib.cross_entropy(logits, labels)
     if l.name == 'ldam':
-      return losses_lib.ldam(logits, labels, margins, l.ldam_scale, w)
+      return losses_lib.ldam(logits, labels, margins, l.ldam_scale)
     if l.name == 'logit_adjusted':
-      return losses_lib.logit_adjusted(logits, labels, stats.counts, l.tau, w)
+      return losses_lib.logit_adjusted(logits, labels, stats.counts, l.tau)
     if l.name == 'vs':
-      return losses_lib.vector_scaling(logits, labels, stats.counts, l.vs_gamma, l.tau, w)
+      return losses_lib.vector_scaling(logits, labels, stats.counts, l.vs_gamma, l.tau)
     raise ValueError(l.name)
+
+  def per_example(logits, labels, step, mask=None):
+    losses = unweighted(logits, labels)  # (each loss weights classes as these lines do)
+    if weights is not None:
+      losses = losses_lib.apply_class_weights(losses, labels, weights(step), mask=mask)
+    return losses
 
   if l.group_normalised:
     is_tail = jnp.asarray(stats.class_groups(c.optimizer.eta))  # 0 head, 1 tail
-    return lambda logits, labels, step: losses_lib.group_normalize(
-        per_example(logits, labels, step), is_tail[labels])
+    return lambda logits, labels, step, mask=None: losses_lib.group_normalize(
+        per_example(logits, labels, step, mask), is_tail[labels], mask=mask)
   return per_example
 
 
@@ -248,6 +255,7 @@ class Run:
   boundaries: list
   scope: 'ScopePlan'
   direction: optax.GradientTransformation | None = None  # the SAM-family transform
+  pads_last_batch: bool = False  # the partial batch runs padded in the full batch's program
 
   def sharpness_step_at(self, step: int) -> bool | None:
     """Whether ``step`` runs the perturbed passes (``None``: every step does)."""
@@ -279,9 +287,21 @@ def prepare(c) -> Run:
   state_sharding = sharding_lib.state_sharding(state, mesh, c.parameter_sharding,
                                                min_elements=c.fsdp_min_elements)
   state = jax.device_put(state, state_sharding)
+  pads = (len(spec.batch_sizes(len(lt.train))) > 1 and pads_last_batch(c)
+          and model.masks_padding)
   return Run(lt, stats, class_groups, spec, steps_per_epoch, mesh, state_sharding,
              sharding_lib.batch_sharding(mesh), model, state, loss, tx, boundaries,
-             scope_plan(c), direction)
+             scope_plan(c), direction, pads)
+
+
+def pads_last_batch(c) -> bool:
+  """Whether the config lets the epoch's last, partial, batch run padded in the full
+  batch's program (the model must also mask padding: ``FunctionalModel.masks_padding``).
+  Not with microbatch perturbations (their ghost BatchNorm and direction average would
+  see all-padding microbatches) nor with ``optimizer.normalization='group'`` (its group
+  sums divide by the group's size, which the padded step's weights do not undo)."""
+  return (c.data.pad_last_batch and c.perturbation_scope != 'microbatch'
+          and c.optimizer.normalization != 'group')
 
 
 def check_batch_sizes(c, batch_sizes, n_dev: int) -> None:

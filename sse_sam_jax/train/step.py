@@ -73,6 +73,15 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
   across steps and devices, and ``finite`` (False if the loss or the new
   parameters are NaN/Inf).
 
+  A padded batch (the epoch's last, partial, batch run in the full batch's program)
+  has ``'mask'`` (bool ``[B]``, False on padding): the loss is called as ``loss(logits,
+  labels, step, mask)`` and every real example's loss weighted ``B / count``, padding's
+  0, so that the means over ``B`` that the optimizers take (SAM's ``1/B``, the group
+  sums with ``normalization='batch'``) are the means over the real examples; padding
+  is in no group, BatchNorm leaves it out of its statistics (the model must mask it:
+  ``model.masks_padding``), and the metrics count the real examples only. (Group sums
+  with ``normalization='group'`` divide by a group's size instead: pad only without them.)
+
   ``sharpness_step`` (a Python bool) fixes the kind of step of a transform built
   with ``sharpness_steps`` (see :mod:`sse_sam_jax.optim.sharpness_reuse`).
   ``running_stats``: BatchNorm running statistics updated from the clean pass
@@ -83,17 +92,35 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
   """
   if running_stats not in RUNNING_STATS:
     raise ValueError(f'running_stats must be one of {RUNNING_STATS}, got {running_stats!r}.')
-  x, labels = batch['x'], batch['label']
+  x, labels, mask = batch['x'], batch['label'], batch.get('mask')
+  if mask is None:
+    apply = functools.partial(model.apply, train=True)
+    example_losses = lambda logits: loss(logits, labels, state.step)
+  else:
+    if not getattr(model, 'masks_padding', False):
+      raise ValueError("the batch has a 'mask' (padding) but the model's BatchNorm would "
+                       'count the padded examples; build its BatchNorm layers as '
+                       'sse_sam_jax.models.MaskedBatchNorm.')
+    apply = functools.partial(model.apply, train=True, example_mask=mask)
+    count = jnp.sum(mask.astype(jnp.int32))
+    b = mask.shape[0]
+
+    def example_losses(logits):
+      # B / count on the real examples, 0 on padding: every mean over the B examples
+      # (the optimizers' 1/B and group sums) is then the mean over the real ones.
+      losses = loss(logits, labels, state.step, mask)
+      weight = jnp.where(mask, b / jnp.maximum(count, 1).astype(losses.dtype), 0)
+      return losses * weight.astype(losses.dtype)
 
   def clean_pass(params):
-    logits, new_stats = model.apply(params, state.batch_stats, x, train=True)
-    return loss(logits, labels, state.step), (logits, new_stats)
+    logits, new_stats = apply(params, state.batch_stats, x)
+    return example_losses(logits), (logits, new_stats)
 
   keep_perturbed = running_stats == 'last_perturbed'
 
   def loss_fn(params):  # perturbed passes: full-batch BN statistics
-    logits, stats = model.apply(params, state.batch_stats, x, train=True)
-    losses = loss(logits, labels, state.step)
+    logits, stats = apply(params, state.batch_stats, x)
+    losses = example_losses(logits)
     return (losses, stats) if keep_perturbed else losses  # running stats dropped by default
 
   losses, vjp_fn, (logits, new_stats) = jax.vjp(clean_pass, state.params, has_aux=True)
@@ -103,6 +130,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
   extra = dict(loss_fn=loss_fn, loss_vjp=(losses, vjp_fn), labels=labels)
   if class_groups is not None:
     extra['group_ids'] = jnp.asarray(class_groups)[labels]
+    if mask is not None:  # padding in no group (its losses are 0 anyway)
+      extra['group_ids'] = jnp.where(mask, extra['group_ids'], -1)
   if stage is not None:
     extra['stage'] = stage
   if sharpness_step is not None:
@@ -117,9 +146,13 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
 
   loss_sum = jnp.sum(losses)
   finite = jnp.isfinite(loss_sum) & jnp.isfinite(optax.tree.norm(params))
-  metrics = dict(loss_sum=loss_sum.astype(jnp.float32),
-                 correct=jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32),
-                 count=jnp.asarray(labels.shape[0], jnp.int32), finite=finite)
+  hits = jnp.argmax(logits, -1) == labels
+  if mask is None:
+    count = jnp.asarray(labels.shape[0], jnp.int32)
+  else:  # the weighted losses sum to B / count times the real examples' sum
+    loss_sum, hits = loss_sum * (count / labels.shape[0]), hits & mask
+  metrics = dict(loss_sum=loss_sum.astype(jnp.float32), correct=jnp.sum(hits).astype(jnp.int32),
+                 count=count.astype(jnp.int32), finite=finite)
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=new_stats,
                          opt_state=opt_state)
   return new_state, metrics

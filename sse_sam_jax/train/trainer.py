@@ -315,12 +315,15 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
         while step < epoch_end:
           n = plan.steps_from(step, stop_after_steps)
           t0 = time.perf_counter()
-          batch = dispatch.device_batch([next(batch_iter) for _ in range(n)], step, run)
+          host_batches = [next(batch_iter) for _ in range(n)]
+          examples = sum(len(b['label']) for b in host_batches) * jax.process_count()
+          batch = dispatch.device_batch(host_batches, step, run)  # (padded: see setup)
+          del host_batches  # (batches in grain's shared memory are freed when dropped)
           data_s = time.perf_counter() - t0
           waited = train_step.wait_s
           state, metrics = train_step(state, batch, step)
           report.pause(train_step.wait_s - waited)  # a program built in the background
-          report.add(metrics, batch['label'].size, data_s, steps=n)
+          report.add(metrics, examples, data_s, steps=n)
           step += n
           bar.update(n)
           report(step, epoch, step == epoch_end, bar)
