@@ -109,9 +109,11 @@ def bare_step(c, steps: int, first_step: int) -> dict:
       per_device_axis=run.scope.per_device_axis, microbatch=run.scope.microbatch,
       compiler_options=compiler_options(c.cpu_convolutions))
   b = run.spec.batch_size
-  batch = jax.device_put({'x': np.asarray(run.data.train.x[:b], np.float32),
-                          'label': np.asarray(run.data.train.label[:b], np.int32)},
-                         run.batch_sharding)
+  batch = {'x': np.asarray(run.data.train.x[:b], np.float32),
+           'label': np.asarray(run.data.train.label[:b], np.int32)}
+  if run.pads_last_batch:  # the trainer's program: every batch has a mask
+    batch['mask'] = np.ones(b, np.bool_)
+  batch = jax.device_put(batch, run.batch_sharding)
   state = run.state
   for i in range(first_step):  # warm (and compile) the stages at the trainer's first steps
     state, m = step_fn(state, batch, i)

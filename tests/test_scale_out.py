@@ -357,3 +357,53 @@ def test_two_processes_fsdp_killed_and_resumed_match_one_process(tmp_path):
   steps = [l['step'] for l in lines if 'train_loss' in l]
   assert steps == sorted(set(steps)) and steps[-1] == 28
   assert (tmp_path / 'run' / 'results.json').exists()
+
+
+PADDED_ON_DEVICES = r'''
+import json, sys, pathlib, tempfile
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update('jax_enable_x64', True)
+from sse_sam_jax.train import dispatch, setup
+from sse_sam_jax.train.step import CompiledTrainStep
+from tests.test_trainer import make_npz, small_config
+
+npz = make_npz(pathlib.Path(tempfile.mkdtemp()) / 'b.npz')
+out = {}
+for scope in ('global', 'per_device'):
+  c = small_config(npz, **{'optimizer.name': 'sse_sam', 'perturbation_scope': scope,
+                           'data.batch_size': 8})
+  run = setup.prepare(c)  # 226 examples: the last batch has 2, one per device
+  assert run.pads_last_batch
+  state = jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating)
+                       else a, jax.device_get(run.state))
+  state = jax.device_put(state, run.state_sharding)
+  rows = run.spec.batch_sizes(len(run.data.train))[-1]
+  partial = {'x': np.asarray(run.data.train.x[-rows:], np.float64),
+             'label': run.data.train.label[-rows:].astype(np.int32), 'step': 0}
+  padded = dispatch.pad(partial, 8, shards=2)
+  step = CompiledTrainStep(run.model, run.tx, run.loss, run.class_groups,
+                           boundaries=run.boundaries, state_sharding=run.state_sharding,
+                           batch_sharding=run.batch_sharding,
+                           per_device_axis=run.scope.per_device_axis)
+  ends = []
+  for batch in (partial, padded):
+    batch = jax.device_put({k: v for k, v in batch.items() if k != 'step'}, run.batch_sharding)
+    new, metrics = step(jax.tree.map(jnp.copy, state), batch, 0)
+    ends.append(jax.device_get((new, metrics)))
+  # |a - b| / (atol + rtol |a|) with atol 1e-12, rtol 1e-9: <= 1 passes (assert_allclose)
+  worst = max(float(np.max(np.abs(a - b) / (1e-12 + 1e-9 * np.abs(a))))
+              for a, b in zip(jax.tree.leaves(ends[0][0]), jax.tree.leaves(ends[1][0])))
+  out[scope] = {'worst': worst, 'count': [int(e[1]['count']) for e in ends]}
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_a_padded_last_batch_on_two_devices_takes_the_unpadded_step():
+  """Padding splits over the devices as the partial batch does (each device its share of
+  the real rows, then padding): the step of each perturbation scope is unchanged, float64."""
+  out = run_with_devices(PADDED_ON_DEVICES, devices=2)
+  for scope in ('global', 'per_device'):
+    assert out[scope]['count'] == [2, 2], out
+    assert out[scope]['worst'] <= 1.0, out  # to 1e-9 (atol 1e-12)
