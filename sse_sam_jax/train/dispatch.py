@@ -4,8 +4,9 @@
 compiled program (:func:`sse_sam_jax.train.step.scan_steps`); :class:`DispatchPlan`
 decides the grouping from the step index alone, :func:`programs` lists the programs
 a run needs in the order of first use (built before step 0, or the first one before and
-the others in background threads: :func:`background_compile_threads`), and :func:`device_batch` stacks the host
-batches of a dispatch and places them on the mesh.
+the others in background threads: :func:`background_compile_threads`), and
+:func:`device_batch` stacks the host batches of a dispatch (the epoch's last, partial,
+one padded to a full batch with a mask: :func:`pad`) and places them on the mesh.
 """
 
 from __future__ import annotations

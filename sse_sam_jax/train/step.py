@@ -184,6 +184,9 @@ def per_microbatch(step_fn, size: int, axis: str = MICROBATCH_AXIS):
 
   def step(state, batch):
     b = batch['label'].shape[0]
+    if 'mask' in batch:  # each microbatch would weight by its own count (see train_step)
+      raise ValueError('per_microbatch does not take padded batches (a mask); run the '
+                       'partial batch unpadded.')
     if b % size:
       raise ValueError(f'batch of {b} examples does not split into microbatches of {size}.')
     split = jax.tree.map(lambda a: a.reshape((b // size, size) + a.shape[1:]), batch)
