@@ -38,7 +38,7 @@ def background_compile_threads(c) -> int:
   """The config's ``background_compile_threads``; -1 (auto) is 0 on CPUs and
   ``min(4, host cores // 4)`` (at least 1) on accelerators. On 2 CPU cores a compile
   thread takes the step's cores: the main job waited 6.2-6.5 s for programs instead of
-  12.0-13.2 s, but its loop ran 20-25% slower, and its wall time did not drop (59.8 and
+  12.0-13.2 s, but its loop ran 25% slower, and its wall time did not drop (59.8 and
   63.9 s with one thread, 57.9 and 61.9 s without)."""
   if c.background_compile_threads >= 0:
     return int(c.background_compile_threads)
