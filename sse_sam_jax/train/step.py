@@ -253,8 +253,9 @@ class CompiledTrainStep:
   Building in the background: :meth:`precompile` with ``background_threads=n`` builds
   only the first program it is given before it returns; it traces and lowers the others
   and leaves their compiles (or loads) to ``n`` threads (XLA compiles without holding
-  Python's lock), in the order given, while the first ones train. A step whose program is still being built waits for it (``wait_s``
-  counts those seconds); every program is still built once, before it first runs.
+  Python's lock), in the order given, while the first ones train. A step whose program
+  is still being built waits for it (``wait_s`` counts those seconds); every program is
+  still built once, before it first runs.
   """
 
   def __init__(self, model, tx, loss: PerExampleLoss, class_groups=None, *,
