@@ -181,6 +181,21 @@ def test_a_workdir_of_an_older_version_resumes_when_new_keys_keep_their_defaults
       "optimizer.sharpness_every: '(absent)' -> 4"]
 
 
+def test_a_workdir_of_an_older_version_refuses_a_new_default_that_changes_its_steps():
+  """A run saved before ``data.pad_last_batch`` (or ``cpu_convolutions``) trained
+  without it: resuming under the new default would change its steps midway, so it is
+  a change; the old value resumes it."""
+  from sse_sam_jax.train import workdir as workdir_lib
+  now = config_lib.default_config().to_dict()
+  older = config_lib.default_config().to_dict()
+  del older['data']['pad_last_batch'], older['cpu_convolutions']
+  defaults = config_lib.default_config().to_dict()
+  assert workdir_lib.config_changes(older, now, defaults) == [
+      "cpu_convolutions: 'ynnpack' -> 'eigen'", 'data.pad_last_batch: False -> True']
+  now['data']['pad_last_batch'], now['cpu_convolutions'] = False, 'ynnpack'
+  assert workdir_lib.config_changes(older, now, defaults) == []
+
+
 def test_asam_leaves_biases_of_flax_models_unscaled():
   """NNX parameters end in a variable's ``value``: the name before it decides."""
   _, params, _ = models.create('conv1d', 10)

@@ -2,8 +2,9 @@
 
 ``train(config, workdir)`` claims the workdir (:mod:`sse_sam_jax.train.workdir`),
 builds the run (:mod:`sse_sam_jax.train.setup`), restores the newest intact
-checkpoint (:mod:`sse_sam_jax.train.resume`), compiles every program the run
-needs, then loops. The loop body is one dispatch of one or several steps
+checkpoint (:mod:`sse_sam_jax.train.resume`), builds every program the run needs
+(the later ones, with ``background_compile_threads``, while the first trains), then
+loops. The loop body is one dispatch of one or several steps
 (:mod:`sse_sam_jax.train.dispatch`); everything periodic is a small action object
 (in the manner of CommonLoopUtils' periodic actions):
 :class:`MetricReport` every ``log_every_steps`` steps (metric lines and the NaN

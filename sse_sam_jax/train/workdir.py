@@ -35,6 +35,11 @@ NEUTRAL_KEYS = ('eval.', 'log_every_steps', 'checkpoint.', 'hessian.', 'num_devi
                 'data.prefetch_batches', 'data.data_dir', 'compilation_cache_dir',
                 'background_compile_threads')
 
+# Keys whose default changed what is trained, with the value that a config saved
+# before the key existed was trained with: such a config reads as that value, so a
+# resume under the new default is refused instead of changing the run midway.
+BEFORE_THE_KEY = {'data.pad_last_batch': False, 'cpu_convolutions': 'ynnpack'}
+
 CONFIG_FILE = 'config.json'
 
 
@@ -66,8 +71,10 @@ def is_neutral(key: str) -> bool:
 def config_changes(saved: dict, now: dict, defaults: dict | None = None) -> list[str]:
   """``'key: old -> new'`` for every key that alters training and differs. A key the
   saved config lacks (written by an older version) is no change while ``now`` holds
-  its value in ``defaults``."""
+  its value in ``defaults``, unless the key is in :data:`BEFORE_THE_KEY` (then it reads
+  as the value the older version trained with)."""
   saved, now = flatten(saved), flatten(now)
+  saved = {**{k: v for k, v in BEFORE_THE_KEY.items() if saved and k not in saved}, **saved}
   defaults = flatten(defaults or {})
   changes = []
   for key in sorted(set(saved) | set(now)):
