@@ -12,6 +12,12 @@ import sse_sam_jax as ssj
 
 
 
+def as_float64(tree):
+  """``tree`` with every floating-point array in float64 (x64 must be on), others kept."""
+  return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64)
+                      if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
 def enable_x64():
   """``jax.enable_x64(True)``, or ``jax.experimental.enable_x64()`` on jax < 0.6."""
   if hasattr(jax, 'enable_x64'):

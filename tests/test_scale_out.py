@@ -366,6 +366,7 @@ import jax, jax.numpy as jnp, numpy as np
 jax.config.update('jax_enable_x64', True)
 from sse_sam_jax.train import dispatch, setup
 from sse_sam_jax.train.step import CompiledTrainStep
+from tests.golden_cases import as_float64
 from tests.test_trainer import make_npz, small_config
 
 npz = make_npz(pathlib.Path(tempfile.mkdtemp()) / 'b.npz')
@@ -375,9 +376,7 @@ for scope in ('global', 'per_device'):
                            'data.batch_size': 8})
   run = setup.prepare(c)  # 226 examples: the last batch has 2, one per device
   assert run.pads_last_batch
-  state = jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating)
-                       else a, jax.device_get(run.state))
-  state = jax.device_put(state, run.state_sharding)
+  state = jax.device_put(as_float64(jax.device_get(run.state)), run.state_sharding)
   rows = run.spec.batch_sizes(len(run.data.train))[-1]
   partial = {'x': np.asarray(run.data.train.x[-rows:], np.float64),
              'label': run.data.train.label[-rows:].astype(np.int32), 'step': 0}
