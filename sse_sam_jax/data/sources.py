@@ -331,7 +331,6 @@ def _mnist1d_raw(num_samples: int, seed: int, iid_noise_scale: float) -> dict:
   loading them well under a second. A cache file that does not load is regenerated;
   one that cannot be written is skipped."""
   from importlib.metadata import version
-  from mnist1d.data import get_dataset_args, make_dataset
   path = cache_dir() / (f'mnist1d-{version("mnist1d")}-n{num_samples}-seed{seed}-'
                         f'noise{float(iid_noise_scale)!r}.npz')
   raw = None
@@ -342,6 +341,7 @@ def _mnist1d_raw(num_samples: int, seed: int, iid_noise_scale: float) -> dict:
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
       raw = None  # damaged (an interrupted copy, a full disk): generate it again
   if raw is None:
+    from mnist1d.data import get_dataset_args, make_dataset  # 1.3 s of imports (scipy)
     args = get_dataset_args()
     args.num_samples, args.seed, args.iid_noise_scale = num_samples, seed, iid_noise_scale
     raw = {k: np.asarray(v) for k, v in make_dataset(args).items() if k in MNIST1D_KEYS}
