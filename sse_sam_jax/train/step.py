@@ -251,9 +251,11 @@ class CompiledTrainStep:
   program (``lax.cond``). ``running_stats`` is passed to :func:`train_step`.
 
   Building in the background: :meth:`precompile` with ``background_threads=n`` builds
-  only the first program it is given before it returns; it traces and lowers the others
-  and leaves their compiles (or loads) to ``n`` threads (XLA compiles without holding
-  Python's lock), in the order given, while the first ones train. A step whose program
+  only the first program it is given before it returns; it traces and lowers every
+  program on the calling thread and hands each one's compile (or load), as soon as it
+  is lowered, to ``n`` threads (XLA compiles without holding Python's lock), in the
+  order given: the first compiles while the others are lowered and beside the next
+  ones, and the others go on while the first ones train. A step whose program
   is still being built waits for it (``wait_s`` counts those seconds); every program is
   still built once, before it first runs.
   """
@@ -369,10 +371,16 @@ class CompiledTrainStep:
     kinds = (None,) if self.sharpness_step_at(0) is None else (True, False)
     pairs = [((stage, kind), b) for b in batch_shapes for stage in range(self.num_stages)
              for kind in kinds] + list(programs)
-    now, later = (pairs, []) if background_threads < 1 else (pairs[:1], pairs[1:])
-    for kind, batch in now:
-      self._executable(kind, state_spec, batch)
-    for kind, batch in later:
+    if background_threads < 1 or not pairs:
+      for kind, batch in pairs:
+        self._executable(kind, state_spec, batch)
+      return time.perf_counter() - t0
+    # Each program's compile (or load) starts in a thread as soon as it is lowered, the
+    # first one's included: the first compiles while the caller lowers the others, and
+    # the next ones compile beside it rather than after it.
+    (first_kind, first_batch), = pairs[:1]
+    first = self._key(first_kind, first_batch)
+    for kind, batch in pairs:
       key = self._key(kind, batch)
       if key in self._executables or key in self._pending:
         continue
@@ -380,7 +388,11 @@ class CompiledTrainStep:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             int(background_threads), thread_name_prefix='compile')
       self._pending[key] = self._pool.submit(self._start(kind, state_spec, batch))
-      self.built_in_background += 1
+      self.built_in_background += key != first
+    pending = self._pending.pop(first, None)
+    if pending is not None:
+      pending.result()  # None where a stored program failed to load: built below
+    self._executable(first_kind, state_spec, first_batch)
     return time.perf_counter() - t0
 
   def finish_background(self, cancel: bool = False) -> None:
