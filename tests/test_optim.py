@@ -309,10 +309,36 @@ def test_no_recompilation_across_the_switch():
   assert step._cache_size() == 1
 
 
+def test_called_outside_jit_the_switch_compiles_nothing_new():
+  """Eager updates (a new loss closure each step) pick the stage and the kind of step on
+  the host: an eager ``lax.switch``/``lax.cond`` traced and compiled its branches anew
+  at every call. The steps are those of the jitted update."""
+  import logging  # pylint: disable=g-import-not-at-top
+  params = init_params(3)
+  batches = [make_batch(s) for s in range(4)]
+  for tx in (optax.chain(ssj.sse_sam(0.05, 0.1, 2), optax.sgd(0.1, momentum=0.9)),
+             optax.chain(ssj.sse_sam(0.05, 0.1, 2, sharpness_steps=ssj.looksam(every=2)),
+                         optax.sgd(0.1))):
+    want, _ = run_steps(tx, params, batches, jit=True)
+    compiled = []
+    handler = logging.Handler()
+    handler.emit = lambda record: compiled.append(record.getMessage())
+    logging.getLogger('jax').addHandler(handler)
+    try:
+      with jax.log_compiles():
+        run_steps(tx, params, batches, jit=False)  # each eager op compiles on first use
+        compiled.clear()
+        got, _ = run_steps(tx, params, batches, jit=False)  # the same steps again
+    finally:
+      logging.getLogger('jax').removeHandler(handler)
+    assert not [m for m in compiled if m.startswith('Compiling')], compiled[:3]
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------
 # Passes per step: counted as traces of loss_fn (each trace is one forward).
 # ----------------------------------------------------------------------------
-def _count_loss_passes(tx, share_clean_pass):
+def _count_loss_passes(tx, share_clean_pass, count=0, jit=False):
   params = init_params(0)
   x, y = make_batch(0)
   calls = []
@@ -324,7 +350,14 @@ def _count_loss_passes(tx, share_clean_pass):
   extra = dict(loss_fn=loss_fn, group_ids=ssj.example_groups(y, TAIL))
   if share_clean_pass:
     extra['loss_vjp'] = jax.vjp(lambda p: per_example_loss(p, x, y), params)
-  tx.update(params, tx.init(params), params, **extra)
+  state = tx.init(params)
+  if count:
+    state = state._replace(count=jnp.asarray(count, state.count.dtype))
+  update = lambda state: tx.update(params, state, params, **extra)
+  if jit:
+    jax.jit(update).lower(state)  # traces once
+  else:
+    update(state)
   return len(calls)
 
 
@@ -342,8 +375,12 @@ def test_forward_passes_per_update(tx, shared, unshared):
 
 
 def test_sse_sam_stage2_skips_head_pass():
-  # Both branches are traced once by lax.switch: stage 1 (head + tail) and stage 2 (tail only).
-  assert _count_loss_passes(ssj.sse_sam(0.05, 0.1, 3), True) == 2 + 1
+  tx = ssj.sse_sam(0.05, 0.1, 3)
+  # Outside jit the host picks the stage: stage 1 perturbs head and tail, stage 2 the tail.
+  assert _count_loss_passes(tx, True) == 2
+  assert _count_loss_passes(tx, True, count=3) == 1
+  # Traced, lax.switch traces each branch once.
+  assert _count_loss_passes(tx, True, jit=True) == 2 + 1
 
 
 # ----------------------------------------------------------------------------

@@ -371,8 +371,12 @@ def test_perturbed_aux_needs_a_static_kind_with_reuse():
   x, y = make_batch(0)
   loss_fn = lambda p: (per_example_loss(p, x, y), ())
   tx = ssj.sam(0.1, sharpness_steps=ssj.looksam())
-  with pytest.raises(ValueError, match='static sharpness_step'):
-    tx.update(params, tx.init(params), params, loss_fn=loss_fn, perturbed_aux=[])
+  with pytest.raises(ValueError, match='static sharpness_step'):  # traced: in-program choice
+    jax.jit(lambda s: tx.update(params, s, params, loss_fn=loss_fn, perturbed_aux=[])
+            ).lower(tx.init(params))
+  aux = []  # outside jit the count is known: the host picks (count 0: a sharpness step)
+  tx.update(params, tx.init(params), params, loss_fn=loss_fn, perturbed_aux=aux)
+  assert len(aux) == 1
   aux = []
   tx.update(params, tx.init(params), params, loss_fn=loss_fn, perturbed_aux=aux,
             sharpness_step=False)
@@ -452,6 +456,11 @@ def test_perturbed_aux_needs_a_static_stage():
   params = init_params(0)
   x, y = make_batch(0)
   tx = ssj.sse_sam(0.05, 0.1, 3)
-  with pytest.raises(ValueError, match='static stage'):
-    tx.update(params, tx.init(params), params, loss_fn=lambda p: (per_example_loss(p, x, y), ()),
-              group_ids=ssj.example_groups(y, TAIL), perturbed_aux=[])
+  update = lambda state, aux: tx.update(
+      params, state, params, loss_fn=lambda p: (per_example_loss(p, x, y), ()),
+      group_ids=ssj.example_groups(y, TAIL), perturbed_aux=aux)
+  with pytest.raises(ValueError, match='static stage'):  # traced: lax.switch on the count
+    jax.jit(lambda state: update(state, [])).lower(tx.init(params))
+  aux = []  # outside jit the count is known: the host picks stage 1 (head and tail)
+  update(tx.init(params), aux)
+  assert len(aux) == 2

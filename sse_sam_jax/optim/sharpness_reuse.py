@@ -38,7 +38,7 @@ hashes below ``fraction`` (a fixed integer hash of ``(count, seed)``, the same o
 the host and in the program: the choice is reproducible and survives a resume).
 
 Inside one program the two kinds are a ``lax.cond`` on the count (GPU/TPU: no
-cost). A caller that knows the count on the host passes ``sharpness_step=True``
+cost); called outside ``jit`` (a concrete count) the update picks on the host. A caller that knows the count on the host passes ``sharpness_step=True``
 or ``False`` to ``update`` and compiles one program per kind instead (the
 trainer does so on CPU, where convolutions inside ``lax.cond`` are slow):
 :func:`is_sharpness_step` gives the same answer as the program.
@@ -236,6 +236,8 @@ def step(steps: SharpnessSteps | None, state, full_fn, clean_fn, *, sharpness_st
     return (reused_direction(clean, state.sharpness, steps.alpha, reference),
             jnp.asarray(True), state.sharpness, state.clean_norm)
 
+  if sharpness_step is None and not isinstance(state.count, jax.core.Tracer):
+    sharpness_step = is_sharpness_step(int(state.count), steps)  # called outside jit
   if sharpness_step is not None:
     return full() if sharpness_step else cheap()
   if static_required:

@@ -16,6 +16,10 @@ region (``lax.cond``/``switch``/``while``) run far slower than at top level (mea
 a 5-layer conv weight gradient, 0.13 s at top level, 10.7 s inside ``lax.cond``;
 an SSE-SAM ResNet-32 step ~170 s instead of ~5 s). On GPU and TPU the in-program
 switch costs nothing extra.
+
+Called outside ``jit`` (a concrete count), the update picks the stage on the host
+too: an eager ``lax.switch`` would trace and compile its branches at every call
+(the loss function is a new closure each step).
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ def stage_switch(transforms: Sequence[optax.GradientTransformation],
         return new_updates, stage_states[:i] + (new_state,) + stage_states[i + 1:]
       return branch
 
+    if stage is None and not isinstance(state.count, jax.core.Tracer):
+      stage = stage_at(int(state.count), boundaries)  # called outside jit: no lax.switch
     if stage is not None or len(transforms) == 1:
       stage = 0 if stage is None else stage
       if not isinstance(stage, int) or not 0 <= stage < len(transforms):
