@@ -38,9 +38,10 @@ hashes below ``fraction`` (a fixed integer hash of ``(count, seed)``, the same o
 the host and in the program: the choice is reproducible and survives a resume).
 
 Inside one program the two kinds are a ``lax.cond`` on the count (GPU/TPU: no
-cost); called outside ``jit`` (a concrete count) the update picks on the host. A caller that knows the count on the host passes ``sharpness_step=True``
-or ``False`` to ``update`` and compiles one program per kind instead (the
-trainer does so on CPU, where convolutions inside ``lax.cond`` are slow):
+cost); called outside ``jit`` (a concrete count) the update picks on the host. A
+caller that knows the count on the host passes ``sharpness_step=True`` or
+``False`` to ``update`` and compiles one program per kind instead (the trainer
+does so on CPU, where convolutions inside ``lax.cond`` are slow):
 :func:`is_sharpness_step` gives the same answer as the program.
 
 For the group methods the stored component is that of the **summed** direction,
