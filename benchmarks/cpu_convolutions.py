@@ -15,9 +15,12 @@ Times, interleaved round by round on the same machine (batch 128, 32x32x3, SGD):
   torch                 benchmarks/torch_resnet32_step.py (NCHW and channels-last), in a
                         subprocess with ``--torch-python`` (a Python with a CPU torch).
 Each XLA_FLAGS setting of ``--xla-flags`` (';'-separated) reruns the JAX rows in a
-fresh subprocess. Writes benchmarks/results/cpu_convolutions.json.
+fresh subprocess. ``--repeats n`` then runs ``n`` back-to-back pairs (torch, then the
+trainer's step alone), each its own ratio: the rows above are minutes apart, and the
+machine drifts by 15% and more between them. Writes
+benchmarks/results/cpu_convolutions.json.
 
-  python benchmarks/cpu_convolutions.py --torch-python /tmp/torchenv/bin/python
+  python benchmarks/cpu_convolutions.py --torch-python /tmp/torchenv/bin/python --repeats 3
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import sys
 import time
 
 
-def jax_rows(rounds: int, batch: int) -> dict:
+def jax_rows(rounds: int, batch: int, only: str = '') -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -84,6 +87,8 @@ def jax_rows(rounds: int, batch: int) -> dict:
       'plain_step_no_barrier': lambda: plain_step_no_barrier(*plain_args),
       'forward': lambda: forward(params, stats, data['x']),
   }
+  if only:
+    runs = {k: v for k, v in runs.items() if k in only.split(',')}
   for fn in runs.values():  # compile + warm
     jax.block_until_ready(fn())
     jax.block_until_ready(fn())
@@ -102,37 +107,62 @@ def main():
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--torch-python', default='')
   parser.add_argument('--xla-flags', default='')
+  parser.add_argument('--repeats', type=int, default=0,
+                      help='then this many more side-by-side pairs (torch, then the '
+                           "trainer's step), alternating, each giving a ratio")
   parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--only', default='', help=argparse.SUPPRESS)
   parser.add_argument('--out', default='benchmarks/results/cpu_convolutions.json')
   args = parser.parse_args()
   if args.child:
-    print(json.dumps(jax_rows(args.rounds, args.batch)))
+    print(json.dumps(jax_rows(args.rounds, args.batch, args.only)))
     return
 
   here = pathlib.Path(__file__).resolve().parent
   results = {'batch': args.batch, 'rounds': args.rounds, 'cpu_count': os.cpu_count(), 'jax': {}}
-  for flags in [''] + [f for f in args.xla_flags.split(';') if f]:
+  def jax_child(flags='', only=''):
     env = dict(os.environ, XLA_FLAGS=flags, PYTHONWARNINGS='ignore')
     out = subprocess.run([sys.executable, __file__, '--child', '--rounds', str(args.rounds),
-                          '--batch', str(args.batch)], env=env, capture_output=True, text=True)
+                          '--batch', str(args.batch), '--only', only],
+                         env=env, capture_output=True, text=True)
     if out.returncode:
-      results['jax'][flags or 'default'] = {'error': out.stderr.strip().splitlines()[-1][:300]}
-    else:
-      results['jax'][flags or 'default'] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(flags or 'default', results['jax'][flags or 'default'], flush=True)
-  if args.torch_python:
-    results['torch'] = {}
+      return {'error': out.stderr.strip().splitlines()[-1][:300]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+  def torch_rows():
+    rows = {}
     for extra in ([], ['--channels-last']):
       out = subprocess.run([args.torch_python, str(here / 'torch_resnet32_step.py'),
                             '--batch', str(args.batch)] + extra,
                            capture_output=True, text=True, check=True)
-      row = json.loads(out.stdout.strip().splitlines()[-1])
-      results['torch']['channels_last' if extra else 'nchw'] = row
-      print('torch', row, flush=True)
+      rows['channels_last' if extra else 'nchw'] = json.loads(out.stdout.strip().splitlines()[-1])
+    return rows
+
+  for flags in [''] + [f for f in args.xla_flags.split(';') if f]:
+    results['jax'][flags or 'default'] = jax_child(flags)
+    print(flags or 'default', results['jax'][flags or 'default'], flush=True)
+  if args.torch_python:
+    results['torch'] = torch_rows()
+    print('torch', results['torch'], flush=True)
     best_torch = min(r['median_ms'] for r in results['torch'].values())
     base = results['jax']['default']
     results['ratios_to_torch'] = {k: round(v / best_torch, 2) for k, v in base.items()}
     print('ratios to torch (default flags):', results['ratios_to_torch'])
+    # The machine drifts between the runs above (minutes apart): pairs of one torch run
+    # and one run of the trainer's step, back to back, give ratios of their own.
+    pairs = []
+    for _ in range(args.repeats):
+      torch_ms = min(r['median_ms'] for r in torch_rows().values())
+      jax_ms = jax_child(only='trainer_step')['trainer_step']
+      pairs.append({'torch_ms': torch_ms, 'trainer_step_ms': jax_ms,
+                    'ratio': round(jax_ms / torch_ms, 2)})
+      print('pair', pairs[-1], flush=True)
+    if pairs:
+      ratios = sorted(p['ratio'] for p in pairs)
+      results['pairs'] = {'runs': pairs, 'ratio_median': statistics.median(ratios),
+                          'ratio_min': ratios[0], 'ratio_max': ratios[-1]}
+      print(f"trainer step / torch, {len(pairs)} back-to-back pairs: median "
+            f"{statistics.median(ratios):.2f} (range {ratios[0]:.2f}-{ratios[-1]:.2f})")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(results, indent=1))
