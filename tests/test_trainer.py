@@ -314,6 +314,24 @@ def test_checkpoint_of_another_config_is_a_clear_error(npz, tmp_path):
     commands.evaluate_checkpoint(small_config(npz, **{'model.normed_classifier': True}), tmp_path)
 
 
+def test_an_evaluation_split_compiles_one_program_and_keeps_every_prediction():
+  """37 examples in batches of 10: the last batch of 7 runs padded in the program of
+  the others, and every example gets the prediction it gets on its own."""
+  from sse_sam_jax import models
+  from sse_sam_jax.train import evaluate
+  model, params, stats = models.create('mlp', 5, in_features=6)
+  x = np.random.default_rng(0).normal(size=(37, 6)).astype(np.float32)
+  predict = evaluate.make_predict(model)
+  preds = evaluate.predict_split(predict, params, stats, x, batch_size=10)
+  assert predict._cache_size() == 1  # pylint: disable=protected-access
+  single = evaluate.make_predict(model)
+  one_by_one = [int(single(params, stats, x[i:i + 1])[0]) for i in range(len(x))]
+  np.testing.assert_array_equal(preds, one_by_one)
+  assert len(set(one_by_one)) > 1  # a model that predicts one class would prove nothing
+  small = evaluate.predict_split(predict, params, stats, x[:4], batch_size=10)
+  np.testing.assert_array_equal(small, one_by_one[:4])  # a split smaller than a batch
+
+
 def test_many_medium_few_on_a_crafted_confusion():
   from sse_sam_jax.data import ClassStats
   from sse_sam_jax.train import evaluate

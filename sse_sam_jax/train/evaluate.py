@@ -29,17 +29,20 @@ def predict_split(predict, params, batch_stats, x, batch_size: int = 1000,
                   batch_sharding=None, transform=None) -> np.ndarray:
   """Predictions for the examples ``x`` (an array or a lazy image reader), in batches.
 
-  With ``batch_sharding`` every batch is split over the mesh (padded to a
-  multiple of its size); on several hosts each host reads only its rows of
-  every batch and the predictions are gathered to every host.
+  Every batch has the shape of the first, the last one padded with its last row (its
+  predictions dropped), so that a split compiles one program, not two (eval mode
+  treats examples independently). With ``batch_sharding`` every batch is split over
+  the mesh (padded to a multiple of its size); on several hosts each host reads only
+  its rows of every batch and the predictions are gathered to every host.
   """
   n_shards = 1 if batch_sharding is None else batch_sharding.mesh.size
   n_hosts, host = jax.process_count(), jax.process_index()
+  size = min(batch_size, len(x))
+  size += -size % n_shards
   preds = []
   for start in range(0, len(x), batch_size):
     stop = min(start + batch_size, len(x))
-    size = stop - start + (-(stop - start) % n_shards)  # padded with the batch's last rows
-    index = np.minimum(np.arange(start, start + size), stop - 1)
+    index = np.minimum(np.arange(start, start + size), stop - 1)  # padded: the last row
     if n_hosts > 1:  # this host's rows of the padded batch
       index = np.array_split(index, n_hosts)[host]
     rows = x[index[0]:index[-1] + 1]
