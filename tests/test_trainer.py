@@ -213,9 +213,11 @@ out = {}
 for name in ('sam', 'imbsam'):  # SSE-SAM on 8 devices against 1: test_scale_out's
   finals = []                    # save on 8 and resume on 1 (a replicated 8 -> 1 run)
   for n_dev in (8, 1):
+    # (on 8 devices the sharded program is compiled in a background thread)
     c = small_config(sys.argv[1], **{'optimizer.name': name, 'num_devices': n_dev,
                                      'data.drop_remainder': True, 'epochs': 2,
-                                     'optimizer.gamma': 0.5})
+                                     'optimizer.gamma': 0.5,
+                                     'background_compile_threads': 2 if n_dev == 8 else 0})
     r = trainer.train(c, f'{sys.argv[2]}/{name}{n_dev}', progress=False)
     finals.append(jax.device_get(r['state'].params))
   diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), *finals))
