@@ -327,6 +327,8 @@ def test_called_outside_jit_the_switch_compiles_nothing_new():
     try:
       with jax.log_compiles():
         run_steps(tx, params, batches, jit=False)  # each eager op compiles on first use
+        jax.jit(lambda v: v * 3.0 + 1.0)(jnp.zeros(5))  # a new function: it must be seen
+        assert any(m.startswith('Compiling') for m in compiled)  # (the capture works)
         compiled.clear()
         got, _ = run_steps(tx, params, batches, jit=False)  # the same steps again
     finally:
