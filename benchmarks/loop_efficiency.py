@@ -100,8 +100,9 @@ def steady_state(workdir: pathlib.Path) -> dict:
           'data_wait_frac': float(np.mean([l['data_wait_frac'] for l in lines[1:]]))}
 
 
-def bare_step(c, steps: int, first_step: int) -> dict:
-  """The run's compiled step called back to back on one resident batch (no loop work)."""
+def resident_step(c):
+  """``(run, step, batch)``: the run's compiled step as the trainer builds it and one
+  resident full batch (with the trainer's mask where the run pads its last batch)."""
   run = setup.prepare(c)
   step_fn = CompiledTrainStep(
       run.model, run.tx, run.loss, run.class_groups, boundaries=run.boundaries,
@@ -113,8 +114,13 @@ def bare_step(c, steps: int, first_step: int) -> dict:
            'label': np.asarray(run.data.train.label[:b], np.int32)}
   if run.pads_last_batch:  # the trainer's program: every batch has a mask
     batch['mask'] = np.ones(b, np.bool_)
-  batch = jax.device_put(batch, run.batch_sharding)
-  state = run.state
+  return run, step_fn, jax.device_put(batch, run.batch_sharding)
+
+
+def bare_step(c, steps: int, first_step: int) -> dict:
+  """The run's compiled step called back to back on one resident batch (no loop work)."""
+  run, step_fn, batch = resident_step(c)
+  b, state = run.spec.batch_size, run.state
   for i in range(first_step):  # warm (and compile) the stages at the trainer's first steps
     state, m = step_fn(state, batch, i)
   jax.block_until_ready(m)

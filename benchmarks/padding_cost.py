@@ -28,31 +28,18 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import loop_efficiency  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from sse_sam_jax.train import setup  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sse_sam_jax.train.step import CompiledTrainStep, compiler_options  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _compiled(c, masked: bool):
   """The run's step (its first stage), its state and one resident full batch."""
   c = copy.deepcopy(c)
   c.data.pad_last_batch = masked
-  run = setup.prepare(c)
+  run, step_fn, batch = loop_efficiency.resident_step(c)
   if run.pads_last_batch != masked:
     raise SystemExit(f'{c.model.name}: this run does not pad its last batch (no partial one).')
-  step_fn = CompiledTrainStep(run.model, run.tx, run.loss, run.class_groups,
-                              boundaries=run.boundaries,
-                              compiler_options=compiler_options(c.cpu_convolutions))
-  b = run.spec.batch_size
-  batch = {'x': np.asarray(run.data.train.x[:b], np.float32),
-           'label': np.asarray(run.data.train.label[:b], np.int32)}
-  if masked:
-    batch['mask'] = np.ones(b, np.bool_)
-  batch = jax.device_put(batch)
   state, metrics = step_fn(run.state, batch, 0)  # compiles
   jax.block_until_ready(metrics)
   return {'step': step_fn, 'state': state, 'batch': batch, 'next': 1}

@@ -39,10 +39,9 @@ def apply_class_weights(losses, labels, class_weights, normalize_weights: bool =
     return losses
   w = jnp.asarray(class_weights, losses.dtype)[labels]
   if normalize_weights:
-    if mask is None:
-      return w * losses * (losses.shape[0] / jnp.maximum(jnp.sum(w), 1e-12))
-    m = mask.astype(losses.dtype)
-    return w * losses * (jnp.sum(m) / jnp.maximum(jnp.sum(w * m), 1e-12))
+    real = w if mask is None else w * mask  # (padding's weights out of the sum)
+    n = losses.shape[0] if mask is None else jnp.sum(mask).astype(losses.dtype)
+    return w * losses * (n / jnp.maximum(jnp.sum(real), 1e-12))
   return w * losses
 
 
@@ -62,11 +61,10 @@ def group_normalize(losses, group_ids, num_groups: int = 2, mask=None):
   [1.3333333730697632, 1.3333333730697632, 1.3333333730697632, 16.0]
   """
   onehot = group_ids[:, None] == jnp.arange(num_groups)[None, :]
-  if mask is None:
-    sizes = jnp.sum(onehot, axis=0).astype(losses.dtype)
-    return losses * (losses.shape[0] / sizes[group_ids])
-  sizes = jnp.sum(onehot & mask[:, None], axis=0).astype(losses.dtype)
-  n = jnp.sum(mask).astype(losses.dtype)
+  if mask is not None:
+    onehot = onehot & mask[:, None]
+  sizes = jnp.sum(onehot, axis=0).astype(losses.dtype)
+  n = losses.shape[0] if mask is None else jnp.sum(mask).astype(losses.dtype)
   return losses * (n / jnp.maximum(sizes, 1)[group_ids])
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
-import jax.numpy as jnp
 from flax import nnx
 
 _EXAMPLE_MASK: contextvars.ContextVar = contextvars.ContextVar('example_mask', default=None)
@@ -42,7 +41,7 @@ class MaskedBatchNorm(nnx.BatchNorm):
     if mask is None and outer is not None:
       if outer.shape != x.shape[:1]:
         raise ValueError(f'example mask of shape {outer.shape} for a batch of shape {x.shape}.')
-      mask = jnp.broadcast_to(outer.reshape(outer.shape + (1,) * (x.ndim - 1)), x.shape)
+      mask = outer.reshape(outer.shape + (1,) * (x.ndim - 1))  # broadcasts against x
     return super().__call__(x, use_running_average, mask=mask)
 
 
