@@ -122,3 +122,15 @@ def vector_scaling(logits, labels, class_counts, gamma: float = 0.2, tau: float 
 
 
 LOSSES = ('ce', 'ldam', 'logit_adjusted', 'vs')
+
+__all__ = [
+    'cross_entropy',
+    'apply_class_weights',
+    'group_normalize',
+    'ldam_margins',
+    'ldam',
+    'class_balanced_weights',
+    'log_prior',
+    'logit_adjusted',
+    'vector_scaling',
+]

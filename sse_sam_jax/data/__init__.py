@@ -7,3 +7,26 @@ from sse_sam_jax.data.sources import (
     DatasetNotPreparedError, LazyImages, LongTailData, Split, hold_out, imagenet_lt, inaturalist2018,
     make_long_tailed, mnist1d_long_tail, npz_long_tail, tfds_long_tail, tfds_source)
 from sse_sam_jax.data.stats import SHOT_THRESHOLDS, ClassStats
+
+__all__ = [
+    'BatchSpec',
+    'ClassStats',
+    'DatasetNotPreparedError',
+    'LazyImages',
+    'LongTailData',
+    'SHOT_THRESHOLDS',
+    'Split',
+    'eval_batches',
+    'hold_out',
+    'imagenet_lt',
+    'inaturalist2018',
+    'long_tail_counts',
+    'make_long_tailed',
+    'mnist1d_long_tail',
+    'npz_long_tail',
+    'select_long_tail',
+    'tfds_long_tail',
+    'tfds_source',
+    'train_batches',
+    'wait_for_shared_memory_release',
+]

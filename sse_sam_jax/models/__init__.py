@@ -99,3 +99,20 @@ def functional(model: nnx.Module):
 
 def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
+
+__all__ = [
+    'CifarResNet',
+    'Conv1DNet',
+    'FunctionalModel',
+    'MLP',
+    'MaskedBatchNorm',
+    'NormedLinear',
+    'ResNet',
+    'count_params',
+    'create',
+    'functional',
+    'initialised',
+    'resnet32',
+    'resnet34_cifar',
+    'resnet50',
+]
