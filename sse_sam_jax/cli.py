@@ -23,6 +23,11 @@ except ModuleNotFoundError as missing:  # a core-only install: jax + optax
 
 
 def _require_training_extra():
+  if config_lib is None and sys.version_info < (3, 12):
+    raise SystemExit(
+        f'sse-sam-jax: the training system needs Python >= 3.12 (flax 0.12 does); this is '
+        f'Python {sys.version_info.major}.{sys.version_info.minor}, where the [train] extra '
+        'installs nothing. The optimizers (import sse_sam_jax) work here.')
   if config_lib is None:
     raise SystemExit(
         f"sse-sam-jax: the training system needs the [train] extra (missing module "

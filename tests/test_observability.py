@@ -129,3 +129,26 @@ def test_only_executables_xla_compiled_in_this_process_are_stored(tmp_path):
   again, compiled_here_again = executable_cache_lib.compile_lowered(lower())
   assert compiled_here and not compiled_here_again
   np.testing.assert_allclose(again(s, b), fn(s, b))
+
+
+def test_plots_leave_the_callers_matplotlib_backend_and_figures_alone(tmp_path):
+  """The per-class and spectrum plots are drawn on Figures of their own: the caller's
+  backend (a notebook's inline one) is not switched and no pyplot figure is left open."""
+  import subprocess
+  import sys
+  code = r'''
+import matplotlib
+matplotlib.use('svg')
+import matplotlib.pyplot as plt
+import numpy as np
+from sse_sam_jax.analysis.spectra import plot_densities
+from sse_sam_jax.train.run_log import plot_per_class
+plot_per_class([0.5, 0.9], [10, 100], {a!r})
+plot_densities({{'tail': {{'density': {{'grid': np.linspace(-1, 1, 5), 'density': np.ones(5)}}}}}}, {b!r})
+print(matplotlib.get_backend(), len(plt.get_fignums()))
+'''.format(a=str(tmp_path / 'a.png'), b=str(tmp_path / 'b.png'))
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ['svg', '0']
+  assert (tmp_path / 'a.png').read_bytes()[:4] == b'\x89PNG'
+  assert (tmp_path / 'b.png').read_bytes()[:4] == b'\x89PNG'

@@ -73,10 +73,11 @@ def group_spectra(loss, params, split: Split, groups: dict, *, normalization='ba
 
 def plot_densities(spectra: dict, path, title=''):
   """Log density against a symmetric-log eigenvalue axis, one curve per group."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 3.8))
+  # A Figure of its own, not pyplot's: no backend is switched and no global figure is left
+  # behind in the caller's process (a notebook keeps its inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(6, 3.8))
+  ax = fig.add_subplot()
   for name, r in spectra.items():
     if 'density' in r:
       d = r['density']
@@ -90,7 +91,6 @@ def plot_densities(spectra: dict, path, title=''):
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def write(spectra: dict, workdir, stem='hessian'):

@@ -110,8 +110,15 @@ def _prepare_instructions(name: str, data_dir) -> str:
 
 
 def tfds_source(name: str, split: str, data_dir=None):
-  """``tfds.data_source`` with no download attempt; a clear error if not prepared."""
-  import tensorflow_datasets as tfds
+  """``tfds.data_source`` with no download attempt; a clear error if not prepared, or if
+  TFDS is not installed (the ``[tfds]`` extra)."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DatasetNotPreparedError(
+        f"TFDS dataset {name!r} needs tensorflow-datasets, which the [tfds] extra installs: "
+        f"pip install 'sse-sam-jax[tfds]' (the .npz and MNIST-1D data need nothing more)."
+    ) from e
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types here; all mean "not usable as is"

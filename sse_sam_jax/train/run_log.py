@@ -65,10 +65,11 @@ class MetricLog:
 
 
 def plot_per_class(per_class, counts, path, title=''):
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  # A Figure of its own, not pyplot's: no backend is switched and no global figure is left
+  # behind in the caller's process (a notebook keeps its inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(5, 3.5))
+  ax = fig.add_subplot()
   ax.scatter(counts, 100 * np.asarray(per_class, float))
   ax.set_xscale('log')
   ax.set_xlabel('training examples of the class')
@@ -78,4 +79,3 @@ def plot_per_class(per_class, counts, path, title=''):
   fig.tight_layout()
   with workdir_lib.as_path(path).open('wb') as f:  # any filesystem epath reaches
     fig.savefig(f, format='png', dpi=120)
-  plt.close(fig)
