@@ -8,7 +8,8 @@ program: temporaries (activations and gradients alive at once) and the total.
 The update is the one the trainer's step makes: one clean forward shared through
 ``loss_vjp``, then the transform's passes.
 
-  python benchmarks/accumulation_memory.py [--batch 512] [--out benchmarks/results/accumulation_memory.json]
+  python benchmarks/accumulation_memory.py [--batch 512] \
+      [--out benchmarks/results/accumulation_memory.json]
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def main():
     tx = optax.chain(transform, optax.sgd(0.1, momentum=0.9))
     state = tx.init(params)
     for k in [int(v) for v in args.ks.split(',')]:
-      def update(params, state, x, y, k=k, tx=tx):
+      def update(params, state, x, y, k=k, tx=tx, name=name):
         loss_fn = ssj.microbatched(per_example_loss, (x, y), num_microbatches=k)
         losses, vjp_fn = jax.vjp(loss_fn, params)
         grads = vjp_fn(jnp.full_like(losses, 1 / losses.shape[0]))[0]

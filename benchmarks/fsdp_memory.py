@@ -13,6 +13,7 @@ the state does not depend on the image size, the temporaries do.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import time
@@ -53,7 +54,7 @@ def main():
     for layout in ('replicated', 'fsdp'):
       parts = [methods[name]()] if methods[name] else []
       tx = optax.chain(*parts, optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
-      state = jax.eval_shape(lambda: init_state(params, stats, tx))
+      state = jax.eval_shape(functools.partial(init_state, params, stats, tx))
       shardings = sharding.state_sharding(state, mesh, layout)
       state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                            state, shardings)

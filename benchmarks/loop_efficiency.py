@@ -43,9 +43,7 @@ import jax
 import numpy as np
 
 from sse_sam_jax.train import config as config_lib
-from sse_sam_jax.train import dispatch
-from sse_sam_jax.train import setup
-from sse_sam_jax.train import trainer
+from sse_sam_jax.train import dispatch, setup, trainer
 from sse_sam_jax.train.step import CompiledTrainStep, compiler_options
 
 

@@ -5,12 +5,13 @@ epoch's last, partial, batch runs in the full batch's program: one program per s
 instead of two. The mask is not free: ``MaskedBatchNorm`` takes masked batch
 statistics, the losses are weighted ``B / count``. This measures, for the runs of
 ``benchmarks/loop_efficiency.py`` (``main``: the README main job; ``resnet``: ResNet-32
-b128 SSE-SAM on 1,300 examples), both programs on one resident full batch, compiled once each, then timed
-in alternating bursts of ``--burst`` steps (the 2-core machine drifts by 15% and more
-within minutes, so only back-to-back bursts compare). Each pair of bursts gives a time
+b128 SSE-SAM on 1,300 examples), both programs on one resident full batch, compiled once
+each, then timed in alternating bursts of ``--burst`` steps (the 2-core machine drifts by
+15% and more within minutes, so only back-to-back bursts compare). Each pair of bursts gives a time
 ratio, masked over unmasked; the median and the range are reported.
 
-  python benchmarks/padding_cost.py [--runs main,resnet] [--out benchmarks/results/padding_cost.json]
+  python benchmarks/padding_cost.py [--runs main,resnet] \
+      [--out benchmarks/results/padding_cost.json]
 
 The last printed line is ``padding cost: <max over runs of the median ratio>``.
 """

@@ -11,7 +11,8 @@ for the result. SSE-SAM stage 1 and stage 2 are the two programs of one
 the state before and after the switch; the exact and reuse steps of a LookSAM
 variant are its two kinds of program, picked by the host's step index.
 
-  python benchmarks/step_cost.py [--rounds 15] [--batch 128] [--out benchmarks/results/step_cost.json]
+  python benchmarks/step_cost.py [--rounds 15] [--batch 128] \
+      [--out benchmarks/results/step_cost.json]
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import sse_sam_jax  # noqa: E402
 
 project = 'sse-sam-jax'
 author = 'The sse-sam-jax authors'
-copyright = '2026, The sse-sam-jax authors'  # noqa: A001  (Sphinx's name)
+copyright = '2026, The sse-sam-jax authors'
 release = sse_sam_jax.__version__
 version = release
 

@@ -15,9 +15,10 @@ fewer than eta examples; head = 512 of the others. BatchNorm in evaluation mode.
 Convergence: the Ritz values of the leading ``iters/2`` Lanczos steps are compared with
 those of all ``iters`` steps (the tridiagonal's leading block is the shorter run), and
 ``check`` reruns seed 0's last checkpoint of every run with 96 steps: the report shows
-how far the sweep's extremes are from those. Seed 0's last checkpoint also gets a stochastic Lanczos quadrature
-density (2 probes). Results: ``runs/B/<run>/seed<k>/hessian_step<step>.json`` (a finished one is
-skipped: the sweep resumes).
+how far the sweep's extremes are from those. Seed 0's last checkpoint also gets a
+stochastic Lanczos quadrature density (2 probes). Results:
+``runs/B/<run>/seed<k>/hessian_step<step>.json`` (a finished one is skipped: the sweep
+resumes).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def _groups(run_data, stats, eta):
 def spectra_of(run_name: str, seed: int, step: int, iters: int, density: bool) -> dict:
   import jax
   import optax
+
   from sse_sam_jax import analysis
   from sse_sam_jax.analysis import hessian
   from sse_sam_jax.train import resume

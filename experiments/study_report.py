@@ -20,8 +20,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from study import (GAMMAS, METHODS, RADIUS_SCALES, RESULTS, TUNE_SEEDS,  # pylint: disable=wrong-import-position
-                   config_name)
+from study import GAMMAS, METHODS, RADIUS_SCALES, RESULTS, TUNE_SEEDS, config_name  # pylint: disable=wrong-import-position
 
 METRICS = ('many', 'medium', 'few', 'all')
 # The anchor: the authors' optimizers in PyTorch (shared/offline_benchmark.md), mean, std, n.
@@ -224,8 +223,9 @@ def gamma_table(runs) -> list[str]:
 
 def offset_table(setting, runs) -> list[str]:
   """Ours (study init, and Flax's init) against the anchor: Welch 95% intervals."""
-  lines = [f'| run | metric | anchor (n) | ours, PyTorch init (n) | ours − anchor [95%] | '
-           f"ours, Flax init (n) | Flax − anchor [95%] |", '| --- | --- | --- | --- | --- | --- | --- |']
+  lines = ['| run | metric | anchor (n) | ours, PyTorch init (n) | ours − anchor [95%] | '
+           "ours, Flax init (n) | Flax − anchor [95%] |",
+           '| --- | --- | --- | --- | --- | --- | --- |']
   for (s, name), ref in ANCHOR.items():
     if s != setting or name not in runs:
       continue
@@ -270,7 +270,8 @@ def convergence_check() -> list[str]:
           final = float(ref[(c['run'], c['group'])][key])
           values.append(abs(float(c[key]) - final) / abs(final))
     lines.append(f"| {k} | {100 * max(rel['lambda_min']):.2g}% | "
-                 f"{100 * np.median(rel['lambda_min']):.2g}% | {100 * max(rel['lambda_max']):.2g}% |")
+                 f"{100 * np.median(rel['lambda_min']):.2g}% | "
+                 f"{100 * max(rel['lambda_max']):.2g}% |")
   return lines + ['']
 
 

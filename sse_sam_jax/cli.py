@@ -1,8 +1,8 @@
 """Command line: ``sse-sam-jax train|eval|hessian [--config FILE] [--workdir DIR] [key=value ...]``.
 
 ``--config`` is a Python file with ``get_config()`` returning an
-``ml_collections.ConfigDict``, or the name of a shipped one (``sse_sam_jax/configs/``); without it, the
-offline long-tailed benchmark. Overrides are dotted keys:
+``ml_collections.ConfigDict``, or the name of a shipped one (``sse_sam_jax/configs/``);
+without it, the offline long-tailed benchmark. Overrides are dotted keys:
 ``optimizer.name=sam optimizer.rho=0.1 epochs=10``.
 """
 

@@ -11,7 +11,6 @@ import optax
 import sse_sam_jax as ssj
 
 
-
 def as_float64(tree):
   """``tree`` with every floating-point array in float64 (x64 must be on), others kept."""
   return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64)

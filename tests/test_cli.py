@@ -12,9 +12,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_config_by_name_and_by_path_are_the_same():
   by_name = cli.load_config('cifar10_lt_ssesam', [])
-  from sse_sam_jax import configs
   import pathlib
-  by_path = cli.load_config(str(pathlib.Path(configs.__file__).with_name('cifar10_lt_ssesam.py')), [])
+
+  from sse_sam_jax import configs
+  path = pathlib.Path(configs.__file__).with_name('cifar10_lt_ssesam.py')
+  by_path = cli.load_config(str(path), [])
   assert by_name.to_dict() == by_path.to_dict()
   assert by_name.data.name == 'cifar10' and by_name.optimizer.eta == 1000.0
   assert 'cifar100_lt_ssesam' in configs.NAMES and 'mnist1d_lt' in configs.NAMES

@@ -276,7 +276,7 @@ def test_anything_before_the_transform_is_refused(method):
                optax.chain(before, optax.chain(METHODS[method](), optax.sgd(0.1))),
                optax.named_chain(('clip', before), ('sam', METHODS[method]()))):
       with pytest.raises(TypeError, match=r'Put it first'):
-        jax.jit(lambda p: direction(tx, p, loss_fn, y))(params)
+        jax.jit(lambda p, tx=tx: direction(tx, p, loss_fn, y))(params)
 
 
 def test_clipping_after_the_transform_clips_the_direction():
@@ -340,7 +340,7 @@ def test_lookahead_with_bound_extra_args():
   lp = optax.LookaheadParams.init_synced(params)
   state = make_tx().init(lp)
   plain = optax.chain(ssj.sam(0.2), optax.sgd(0.1))
-  fast, plain_state = params, plain.init(params)
+  fast, plain_state, slow_ref = params, plain.init(params), params
   for i, (x, y) in enumerate(batches):
     loss_fn = lambda p, x=x, y=y: per_example_loss(p, (x, y))
     updates, state = make_tx(loss_fn=loss_fn).update(mean_grad(loss_fn, lp.fast), state, lp)
@@ -353,8 +353,6 @@ def test_lookahead_with_bound_extra_args():
       slow = jax.tree.map(lambda s, f: s + 0.5 * (f - s), slow_ref, fast)
       fast, slow_ref = slow, slow
       chex.assert_trees_all_close(lp.slow, slow, rtol=1e-5, atol=1e-6)
-    elif i == 0:
-      slow_ref = params
     chex.assert_trees_all_close(lp.fast, fast, rtol=1e-5, atol=1e-6)
 
 
@@ -398,7 +396,8 @@ def test_flax_linen_train_state_recipe():
                          opt_state=opt_state)
 
   new = train_step(state, x, y)
-  loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply({'params': p}, x), y)
+  loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({'params': p}, x), y)
   want, _ = direction(ssj.imbsam(0.1, tail_classes=TAIL), state.params, loss_fn, y)
   chex.assert_trees_all_close(new.params, jax.tree.map(lambda p, d: p - 0.1 * d, state.params,
                                                        want), rtol=1e-5, atol=1e-6)

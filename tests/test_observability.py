@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 
 from sse_sam_jax.train import executable_cache as executable_cache_lib
-
 from sse_sam_jax.train import trainer
 from tests.test_trainer import make_npz, set_keys, small_config
 
 
 def test_log_lines_and_results_say_where_the_time_went(tmp_path):
   npz = make_npz(tmp_path / 'blobs.npz')
-  c = small_config(npz, **{'epochs': 2, 'log_every_steps': 2})
+  c = small_config(npz, epochs=2, log_every_steps=2)
   result = trainer.train(c, tmp_path / 'run', progress=False)
   records = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   train_lines = [r for r in records if 'train_loss' in r]
@@ -63,7 +62,7 @@ def test_a_resumed_run_loads_its_programs_from_the_compilation_cache(tmp_path):
   assert [e for e in again if e.startswith('jit_train_step-')] == [
       e for e in entries if e.startswith('jit_train_step-')]
   assert sorted((cache / 'executables').iterdir()) == executables
-  off = small_config(npz, **{'epochs': 1, 'compilation_cache_dir': ''})
+  off = small_config(npz, epochs=1, compilation_cache_dir='')
   trainer.train(off, tmp_path / 'off', progress=False)
   assert not (tmp_path / 'off' / 'compilation_cache').exists()
 
@@ -124,7 +123,7 @@ def test_only_executables_xla_compiled_in_this_process_are_stored(tmp_path):
   def fn(s, b):
     return s * b.sum() + 1.2345
   s, b = jnp.ones(3), jnp.arange(5.0)
-  lower = lambda: jax.jit(lambda s, b: fn(s, b)).lower(s, b)  # a new trace each time
+  lower = lambda: jax.jit(lambda s, b: fn(s, b)).lower(s, b)  # noqa: PLW0108  (a new function: a new trace each time)
   _, compiled_here = executable_cache_lib.compile_lowered(lower())
   again, compiled_here_again = executable_cache_lib.compile_lowered(lower())
   assert compiled_here and not compiled_here_again
@@ -144,7 +143,8 @@ import numpy as np
 from sse_sam_jax.analysis.spectra import plot_densities
 from sse_sam_jax.train.run_log import plot_per_class
 plot_per_class([0.5, 0.9], [10, 100], {a!r})
-plot_densities({{'tail': {{'density': {{'grid': np.linspace(-1, 1, 5), 'density': np.ones(5)}}}}}}, {b!r})
+density = {{'grid': np.linspace(-1, 1, 5), 'density': np.ones(5)}}
+plot_densities({{'tail': {{'density': density}}}}, {b!r})
 print(matplotlib.get_backend(), len(plt.get_fignums()))
 '''.format(a=str(tmp_path / 'a.png'), b=str(tmp_path / 'b.png'))
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)

@@ -192,8 +192,8 @@ def test_perturb_with_zero_direction_is_identity():
 def test_bf16_params_keep_dtype():
   params = init_params(0, jnp.bfloat16)
   batches = [make_batch(s) for s in range(3)]
-  for tx in (ssj.sam(0.05), ssj.imbsam(0.1), ssj.sse_sam(0.05, 0.1, 1)):
-    tx = optax.chain(tx, optax.sgd(0.1, momentum=0.9))
+  for direction in (ssj.sam(0.05), ssj.imbsam(0.1), ssj.sse_sam(0.05, 0.1, 1)):
+    tx = optax.chain(direction, optax.sgd(0.1, momentum=0.9))
     new_params, updates = run_steps(tx, params, batches)
     chex.assert_trees_all_equal_dtypes(new_params, params)
     chex.assert_trees_all_equal_dtypes(updates[-1], params)
@@ -322,7 +322,7 @@ def test_called_outside_jit_the_switch_compiles_nothing_new():
     want, _ = run_steps(tx, params, batches, jit=True)
     compiled = []
     handler = logging.Handler()
-    handler.emit = lambda record: compiled.append(record.getMessage())
+    handler.emit = lambda record, compiled=compiled: compiled.append(record.getMessage())
     logging.getLogger('jax').addHandler(handler)
     try:
       with jax.log_compiles():
@@ -479,7 +479,7 @@ def test_static_stage_equals_in_program_switch():
 
   state, p = tx.init(params), params
   for s, (x, y) in enumerate(batches):
-    loss_fn = lambda q: per_example_loss(q, x, y)
+    loss_fn = lambda q, x=x, y=y: per_example_loss(q, x, y)
     updates, state = tx.update(p, state, p, loss_fn=loss_fn, stage=ssj.stage_at(s, [switch]),
                                group_ids=ssj.example_groups(y, TAIL))
     p = optax.apply_updates(p, updates)

@@ -96,7 +96,8 @@ def test_a_second_process_is_refused_and_a_killed_one_leaves_no_lock(npz, tmp_pa
   # a holder killed with SIGKILL: the kernel drops its lock
   holder = subprocess.Popen(
       [sys.executable, '-c', 'import sys, time; from sse_sam_jax.train import workdir as w; '
-       'lock = w.claim(sys.argv[1], {}); print("held", flush=True); time.sleep(60)', str(tmp_path / 'k')],
+       'lock = w.claim(sys.argv[1], {}); print("held", flush=True); time.sleep(60)',
+       str(tmp_path / 'k')],
       stdout=subprocess.PIPE, text=True, cwd=ROOT)
   assert holder.stdout.readline().strip() == 'held'
   with pytest.raises(workdir_lib.UserError, match='in use'):
@@ -216,7 +217,7 @@ def test_data_mistakes_are_one_line(tmp_path, capsys, kind, needle):
 
 
 def test_missing_dataset_is_one_line_with_a_command_that_works_here(tmp_path, capsys):
-  code, _, err = run_cli(['train', '--config', str('cifar10_lt_ssesam'),
+  code, _, err = run_cli(['train', '--config', 'cifar10_lt_ssesam',
                           '--workdir', str(tmp_path / 'w'), f'data.data_dir={tmp_path}'], capsys)
   assert_one_line_error(code, err, "pip install 'sse-sam-jax[prepare]'",
                         'tfds build cifar10', '--file_format=array_record')
@@ -287,6 +288,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(npz, tmp_path)
   assert got['test']['confusion'] == want['test']['confusion']
   assert got['test']['all'] == want['test']['all']
   lines = [json.loads(l) for l in metrics.read_text().splitlines()]
-  full_lines = [json.loads(l) for l in (tmp_path / 'full' / 'metrics.jsonl').read_text().splitlines()]
+  full_metrics = (tmp_path / 'full' / 'metrics.jsonl').read_text()
+  full_lines = [json.loads(l) for l in full_metrics.splitlines()]
   assert [l['step'] for l in lines] == [l['step'] for l in full_lines]  # each step once
   assert [l.get('train_loss') for l in lines] == [l.get('train_loss') for l in full_lines]

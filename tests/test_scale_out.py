@@ -162,7 +162,8 @@ def run(method, n_dev, scope='global', params='replicated', micro=0):
 
 def diff(a, b):
   return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-             for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))))
+             for x, y in zip(jax.tree.leaves(jax.device_get(a)),
+                             jax.tree.leaves(jax.device_get(b))))
 
 out = {}
 for method in sys.argv[2:]:
@@ -295,7 +296,8 @@ def test_resume_that_would_change_the_perturbation_is_refused(tmp_path):
 
 MULTIHOST = r'''
 import json, sys
-root, process_id, port, workdir, phase = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+root, process_id, port, workdir, phase = sys.argv[1:6]
+process_id = int(process_id)
 sys.path.insert(0, root)
 import jax
 jax.config.update('jax_num_cpu_devices', 4)

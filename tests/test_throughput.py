@@ -10,7 +10,6 @@ import pytest
 from flax import nnx
 
 from sse_sam_jax.models import resnet
-
 from sse_sam_jax.train import dispatch, setup, trainer
 from sse_sam_jax.train.step import CompiledTrainStep, compiler_options
 from tests import golden_cases

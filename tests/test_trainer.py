@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from sse_sam_jax.train import config as config_lib
 from sse_sam_jax.train import commands, setup, trainer
+from sse_sam_jax.train import config as config_lib
 
 ROOT = pathlib.Path(__file__).parents[1]
 # One persistent compilation cache per test process: the many small runs of the suite
@@ -103,7 +103,8 @@ def test_losses_run(npz, tmp_path):
                              'model.normed_classifier': loss == 'ldam'})
     result = trainer.train(c, tmp_path / str(i), progress=False)
     assert result['test']['all'] > 0.5, loss  # separable blobs: each loss learns
-    records = [json.loads(l) for l in (tmp_path / str(i) / 'metrics.jsonl').read_text().splitlines()]
+    metrics = (tmp_path / str(i) / 'metrics.jsonl').read_text()
+    records = [json.loads(l) for l in metrics.splitlines()]
     train_loss = [r['train_loss'] for r in records if 'train_loss' in r]
     assert train_loss[-1] < train_loss[0], (loss, train_loss)
 

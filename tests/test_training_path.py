@@ -157,7 +157,7 @@ def reference_drw_sgd(meta, arrays, drw_step, beta):
   for s in range(meta['steps']):
     x, y = jnp.asarray(arrays['x'][s]), jnp.asarray(arrays['y'][s])
 
-    def loss(p):
+    def loss(p, x=x, y=y, s=s):
       l = golden_cases.per_example_ce(p, x, y)
       if s >= drw_step:
         return jnp.sum(w[y] * l) / jnp.sum(w[y])
@@ -244,7 +244,8 @@ def test_a_padded_partial_batch_takes_the_step_of_the_partial_batch(tmp_path, ov
   with golden_cases.enable_x64():
     run = setup.prepare(c)
     assert run.pads_last_batch and run.model.masks_padding
-    state = golden_cases.as_float64(run.state)._replace(step=jnp.asarray(run.steps_per_epoch - 1, jnp.int32))
+    state = golden_cases.as_float64(run.state)._replace(
+        step=jnp.asarray(run.steps_per_epoch - 1, jnp.int32))
     rows = run.spec.batch_sizes(len(run.data.train))[-1]  # 226 % 32 = 2 examples
     # a head and a tail example, neither of class 0 (the label the padding carries): a
     # step that counted padding in the class-weight sums could not pass by coincidence

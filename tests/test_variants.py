@@ -14,7 +14,7 @@ import pytest
 
 import sse_sam_jax as ssj
 from sse_sam_jax.optim import sharpness_reuse
-from tests.test_optim import B, C, IN, make_batch  # the same batches as the optimizer tests
+from tests.test_optim import IN, C, make_batch  # the same batches as the optimizer tests
 
 HID = 7
 TAIL = ssj.tail_classes([400, 120, 30, 8], 50)  # classes 2 and 3 are tail
@@ -178,7 +178,7 @@ def ref_looksam_run(method, params, batches, *, rho, every, alpha, lr, switch=No
   clean group gradients; SSE-SAM's stage 2 counts from the switch."""
   sharp, g0_norm = jax.tree.map(jnp.zeros_like, params), 0.0
   for t, (x, y) in enumerate(batches):
-    mean = lambda p: per_example_loss(p, x, y).mean()
+    mean = lambda p, x=x, y=y: per_example_loss(p, x, y).mean()
     g = jax.grad(mean)(params)
     stage2 = switch is not None and t >= switch
     local = t - switch if stage2 else t
@@ -196,12 +196,12 @@ def ref_looksam_run(method, params, batches, *, rho, every, alpha, lr, switch=No
         gh = _unit_perturbed_grad(h, params, hr) if hr else jax.grad(h)(params)
         gs = jax.tree.map(jnp.add, gh, _unit_perturbed_grad(tl, params, rho))
       coef = _tree_dot(g, gs) / (_tree_dot(g, g) + 1e-16)
-      sharp = jax.tree.map(lambda s, gi: s - coef * gi, gs, g)
+      sharp = jax.tree.map(lambda s, gi, coef=coef: s - coef * gi, gs, g)
       g0_norm = _norm(g)
       d = gs
     else:
       scale = alpha * _norm(g) / ((g0_norm if measured else _norm(sharp)) + 1e-16)
-      d = jax.tree.map(lambda gi, v: gi + scale * v, g, sharp)
+      d = jax.tree.map(lambda gi, v, scale=scale: gi + scale * v, g, sharp)
     params = jax.tree.map(lambda p, di: p - lr * di, params, d)
   return params
 
@@ -409,7 +409,7 @@ class FocalSamTest(chex.TestCase):
       x, y = make_batch(3, labels)
       tx = ssj.focal_sam(0.1, lam=0.8, gamma=2.0, class_counts=COUNTS)
       got, _ = self.variant(functools.partial(
-          tx.update, loss_fn=lambda p: per_example_loss(p, x, y)))(
+          tx.update, loss_fn=lambda p, x=x, y=y: per_example_loss(p, x, y)))(
               params, tx.init(params), params, labels=y)
       chex.assert_trees_all_close(
           got, ref_focal_direction(params, x, y, rho=0.1, lam=0.8, gamma=2.0),

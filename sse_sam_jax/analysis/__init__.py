@@ -1,8 +1,15 @@
 """Saddle-point analysis: group-restricted Hessian-vector products and spectra."""
 
 from sse_sam_jax.analysis.hessian import (
-    GroupLoss, example_weights, extreme_eigenvalues, hutchinson_trace, lanczos, power_iteration,
-    slq_density, tridiagonal_eig)
+    GroupLoss,
+    example_weights,
+    extreme_eigenvalues,
+    hutchinson_trace,
+    lanczos,
+    power_iteration,
+    slq_density,
+    tridiagonal_eig,
+)
 from sse_sam_jax.analysis.spectra import group_spectra, groups_for, model_loss, plot_densities
 
 __all__ = [

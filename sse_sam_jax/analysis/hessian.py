@@ -2,7 +2,10 @@ r"""Hessian spectra of a loss restricted to a group of classes.
 
 The loss of group :math:`G` over a dataset of :math:`N` examples is
 
-.. math:: L_G(w) = \sum_{i \in G} l_i(w) / D, \qquad D = N \text{ (``'batch'``) or } |G| \text{ (``'group'``)},
+.. math::
+
+   L_G(w) = \sum_{i \in G} l_i(w) / D, \qquad
+   D = N \text{ (``'batch'``) or } |G| \text{ (``'group'``)},
 
 so with ``'batch'`` the head and tail Hessians add up to the Hessian of the
 mean loss. Hessian-vector products are forward-over-reverse
@@ -18,7 +21,7 @@ reorthogonalisation) for extreme eigenvalues, :func:`slq_density`
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

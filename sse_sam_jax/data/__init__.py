@@ -1,11 +1,26 @@
 """Long-tailed data: profiles, class statistics, sources and the grain pipeline."""
 
 from sse_sam_jax.data.pipeline import (
-    BatchSpec, eval_batches, train_batches, wait_for_shared_memory_release)
+    BatchSpec,
+    eval_batches,
+    train_batches,
+    wait_for_shared_memory_release,
+)
 from sse_sam_jax.data.profiles import long_tail_counts, select_long_tail
 from sse_sam_jax.data.sources import (
-    DatasetNotPreparedError, LazyImages, LongTailData, Split, hold_out, imagenet_lt, inaturalist2018,
-    make_long_tailed, mnist1d_long_tail, npz_long_tail, tfds_long_tail, tfds_source)
+    DatasetNotPreparedError,
+    LazyImages,
+    LongTailData,
+    Split,
+    hold_out,
+    imagenet_lt,
+    inaturalist2018,
+    make_long_tailed,
+    mnist1d_long_tail,
+    npz_long_tail,
+    tfds_long_tail,
+    tfds_source,
+)
 from sse_sam_jax.data.stats import SHOT_THRESHOLDS, ClassStats
 
 __all__ = [

@@ -11,9 +11,8 @@ mesh each process takes its rows of the global batch.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import grain
 import numpy as np
@@ -56,10 +55,15 @@ class _MakeBatch:
     self.split, self.spec, self.seed, self.augment = split, spec, seed, augment
     self.process_index, self.process_count = process_index, process_count
     self.steps_per_epoch = spec.steps_per_epoch(len(split))
+    self._permutations = {}  # epoch -> permutation: the current and the next epoch's
 
-  @functools.lru_cache(maxsize=2)
   def _permutation(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
+    if epoch not in self._permutations:
+      while len(self._permutations) >= 2:
+        self._permutations.pop(min(self._permutations))
+      self._permutations[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
+          len(self.split))
+    return self._permutations[epoch]
 
   def __call__(self, step: int) -> dict:
     step = int(step)

@@ -46,7 +46,7 @@ class Split:
   def __len__(self):
     return len(self.label)
 
-  def subset(self, indices, name=None) -> 'Split':
+  def subset(self, indices, name=None) -> Split:
     x = (LazyImages(self.x.source, self.x.indices[indices], self.x.size, self.x.image_key)
          if isinstance(self.x, LazyImages) else self.x[indices])
     return Split(x, self.label[indices], self.num_classes, name or self.name)

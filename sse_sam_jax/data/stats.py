@@ -20,7 +20,7 @@ class ClassStats:
   few_below: int = 20
 
   @classmethod
-  def from_labels(cls, labels, num_classes: int, **kw) -> 'ClassStats':
+  def from_labels(cls, labels, num_classes: int, **kw) -> ClassStats:
     labels = np.asarray(labels)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
       raise ValueError(f'labels must lie in [0, {num_classes}); found '

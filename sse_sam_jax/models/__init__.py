@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx
 
 from sse_sam_jax.models import masking
 from sse_sam_jax.models.masking import MaskedBatchNorm
-from sse_sam_jax.models.resnet import CifarResNet, NormedLinear, ResNet, resnet32, resnet34_cifar, resnet50
+from sse_sam_jax.models.resnet import (
+  CifarResNet,
+  NormedLinear,
+  ResNet,
+  resnet32,
+  resnet34_cifar,
+  resnet50,
+)
 from sse_sam_jax.models.small import MLP, Conv1DNet
 
 _REGISTRY: dict[str, Callable[..., nnx.Module]] = {

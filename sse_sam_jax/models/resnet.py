@@ -6,7 +6,7 @@ eps 1e-5, biased batch variance in training mode). Inputs are NHWC.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

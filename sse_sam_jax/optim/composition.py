@@ -28,6 +28,7 @@ wrappers that do not forward them (``optax.lookahead``).
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -39,6 +40,7 @@ def _code(fn):
   return getattr(fn, '__code__', None)
 
 
+@functools.lru_cache(maxsize=1)
 def _wrapper_codes():
   """Code objects of the optax functions whose frames the guard looks for."""
   codes = {}
@@ -51,7 +53,6 @@ def _wrapper_codes():
   return {v: k for k, v in codes.items() if v is not None}
 
 
-_WRAPPER_CODES = None
 
 
 def _frames():
@@ -72,9 +73,6 @@ def check_composition(name: str, params: Any) -> None:
   Called by every sharpness-aware ``update``; looks at the Python call stack
   (only while tracing or running eagerly, never inside the compiled program).
   """
-  global _WRAPPER_CODES
-  if _WRAPPER_CODES is None:
-    _WRAPPER_CODES = _wrapper_codes()
   if params is not None and _masked_node(params):
     raise TypeError(
         f'ssj.{name} inside optax.masked / optax.partition: the transform calls loss_fn '
@@ -82,7 +80,7 @@ def check_composition(name: str, params: Any) -> None:
         f'Perturb a subset natively instead: ssj.{name}(..., mask=<pytree of bools or '
         'callable params -> bools>); the gradient of every parameter is still returned.')
   for frame in _frames():
-    kind = _WRAPPER_CODES.get(frame.f_code)
+    kind = _wrapper_codes().get(frame.f_code)
     if kind is None:
       continue
     if kind == 'MultiSteps':

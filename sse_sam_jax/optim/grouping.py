@@ -7,7 +7,7 @@ tail = 1), built from labels with :func:`example_groups`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np

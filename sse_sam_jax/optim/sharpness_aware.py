@@ -78,18 +78,18 @@ finite at :math:`w` and NaN at the perturbed point shows there, and an
 from __future__ import annotations
 
 import numbers
-from typing import Any, NamedTuple, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sse_sam_jax.optim import composition
-from sse_sam_jax.optim import sharpness_reuse
+from sse_sam_jax.optim import composition, sharpness_reuse
 from sse_sam_jax.optim.sharpness_reuse import SharpnessReuseState, SharpnessSteps
 
-Radius = Union[float, optax.Schedule, jax.Array]
+Radius = float | optax.Schedule | jax.Array
 
 NORMALIZATIONS = ('batch', 'group')
 NORM_EPS = 1e-16

@@ -25,15 +25,15 @@ too: an eager ``lax.switch`` would trace and compile its branches at every call
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sse_sam_jax.optim import sharpness_aware
-from sse_sam_jax.optim import sharpness_reuse
+from sse_sam_jax.optim import sharpness_aware, sharpness_reuse
 from sse_sam_jax.optim.sharpness_aware import Radius
 from sse_sam_jax.optim.sharpness_reuse import SharpnessSteps
 

@@ -7,8 +7,7 @@ import numpy as np
 
 from sse_sam_jax import data as data_lib
 from sse_sam_jax.train import evaluate as eval_lib
-from sse_sam_jax.train import resume
-from sse_sam_jax.train import setup
+from sse_sam_jax.train import resume, setup
 
 
 def hessian_subset(split: data_lib.Split, max_examples: int, seed: int) -> data_lib.Split:
@@ -50,7 +49,8 @@ def hessian_of_checkpoint(c, workdir, *, groups: str = 'head_tail', split: str =
       lanczos_iters=lanczos_iters, slq_probes=slq_probes, trace_probes=trace_probes, seed=seed,
       progress=progress)
   path = spectra_lib.write(result, workdir)
-  lines = ['| group | examples | lambda_min | lambda_max | trace |', '| --- | --- | --- | --- | --- |']
+  lines = ['| group | examples | lambda_min | lambda_max | trace |',
+           '| --- | --- | --- | --- | --- |']
   for g, r in result.items():
     lines.append(f"| {g} | {r['examples']} | {r['lambda_min']:.4g} | {r['lambda_max']:.4g} | "
                  f"{r['trace']:.4g} +- {r['trace_se']:.2g} |")

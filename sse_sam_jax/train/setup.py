@@ -54,7 +54,8 @@ def build_data(c) -> data_lib.LongTailData:
     return data_lib.inaturalist2018(data_dir=d.data_dir or None, size=d.image_size,
                                     val_fraction=d.val_fraction)
   if d.name == 'npz':
-    return data_lib.npz_long_tail(d.npz_path, d.imbalance_factor if d.imbalance_factor > 1 else None,
+    factor = d.imbalance_factor if d.imbalance_factor > 1 else None
+    return data_lib.npz_long_tail(d.npz_path, factor,
                                   val_fraction=d.val_fraction, profile=d.profile,
                                   selection=d.selection)
   raise ValueError(f'unknown dataset {d.name!r}')
@@ -253,7 +254,7 @@ class Run:
   loss: object
   tx: optax.GradientTransformation
   boundaries: list
-  scope: 'ScopePlan'
+  scope: ScopePlan
   direction: optax.GradientTransformation | None = None  # the SAM-family transform
   pads_last_batch: bool = False  # the partial batch runs padded in the full batch's program
 

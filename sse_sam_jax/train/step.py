@@ -13,7 +13,8 @@ import concurrent.futures
 import functools
 import threading
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,10 +69,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
 
   ``class_groups`` (int ``[C]``, head 0 / tail 1) gives every example its group
   for the group methods. ``stage`` (a Python int) fixes the stage of a
-  :func:`sse_sam_jax.stage_switch` in the chain (see there). Returns ``(new_state, metrics)``; ``metrics`` holds sums
-  over the batch (``loss_sum``, ``correct``, ``count``) so that they add up
-  across steps and devices, and ``finite`` (False if the loss or the new
-  parameters are NaN/Inf).
+  :func:`sse_sam_jax.stage_switch` in the chain (see there). Returns
+  ``(new_state, metrics)``; ``metrics`` holds sums over the batch (``loss_sum``,
+  ``correct``, ``count``) so that they add up across steps and devices, and
+  ``finite`` (False if the loss or the new parameters are NaN/Inf).
 
   A padded batch (the epoch's last, partial, batch run in the full batch's program)
   has ``'mask'`` (bool ``[B]``, False on padding): the loss is called as ``loss(logits,
@@ -436,5 +437,6 @@ def stacked(sharding):
   """The sharding of ``n`` stacked batches: the batch's sharding behind a leading axis."""
   if sharding is None:
     return None
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
   return NamedSharding(sharding.mesh, P(None, *sharding.spec))

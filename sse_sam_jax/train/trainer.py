@@ -28,12 +28,9 @@ import jax
 
 from sse_sam_jax import data as data_lib
 from sse_sam_jax.data import augment as augment_lib
-from sse_sam_jax.train import commands
+from sse_sam_jax.train import commands, dispatch, resume, setup
 from sse_sam_jax.train import config as config_lib
-from sse_sam_jax.train import dispatch
 from sse_sam_jax.train import evaluate as eval_lib
-from sse_sam_jax.train import resume
-from sse_sam_jax.train import setup
 from sse_sam_jax.train import step as step_lib
 from sse_sam_jax.train import workdir as workdir_lib
 from sse_sam_jax.train.checkpointing import Checkpoints
@@ -92,7 +89,8 @@ class MetricReport:
   """
 
   def __init__(self, c, log: MetricLog, checkpoints: Checkpoints, workdir, total_steps: int):
-    self.every, self.log, self.checkpoints, self.workdir = c.log_every_steps, log, checkpoints, workdir
+    self.every, self.log = c.log_every_steps, log
+    self.checkpoints, self.workdir = checkpoints, workdir
     self.total_steps = total_steps
     self.pending, self.steps, self.examples, self.data_s = [], 0, 0, 0.0
     self.in_flight = None
@@ -220,7 +218,8 @@ class Checkpointer:
     if not (force or last or epochs_done % self.c.checkpoint.every_epochs == 0):
       return
     t0 = time.perf_counter()
-    meta = {'epoch': epochs_done, **self.layout, **{k: float(v) for k, v in (scalars or {}).items()}}
+    meta = {'epoch': epochs_done, **self.layout,
+            **{k: float(v) for k, v in (scalars or {}).items()}}
     self.checkpoints.save(step, state, data_state, meta, score)
     self.seconds += time.perf_counter() - t0
 
