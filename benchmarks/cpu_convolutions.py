@@ -44,7 +44,7 @@ def jax_rows(rounds: int, batch: int, only: str = '') -> dict:
   from sse_sam_jax import losses, models
   from sse_sam_jax.models import resnet
   from sse_sam_jax.train import CompiledTrainStep, init_state
-  from sse_sam_jax.train.step import compiler_options
+  from sse_sam_jax.train.compiled_step import compiler_options
 
   rng = np.random.default_rng(0)
   data = {'x': jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32),

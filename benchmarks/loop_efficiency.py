@@ -44,7 +44,7 @@ import numpy as np
 
 from sse_sam_jax.train import config as config_lib
 from sse_sam_jax.train import dispatch, setup, trainer
-from sse_sam_jax.train.step import CompiledTrainStep, compiler_options
+from sse_sam_jax.train.compiled_step import CompiledTrainStep, compiler_options
 
 
 def main_job_config():

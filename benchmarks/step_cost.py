@@ -34,7 +34,7 @@ import optax
 import sse_sam_jax as ssj
 from sse_sam_jax import losses, models
 from sse_sam_jax.train import CompiledTrainStep, init_state
-from sse_sam_jax.train.step import compiler_options
+from sse_sam_jax.train.compiled_step import compiler_options
 
 CIFAR10_LT_COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 SWITCH = 2

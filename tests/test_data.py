@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from sse_sam_jax import data
-from sse_sam_jax.data import augment, profiles, sources
+from sse_sam_jax.data import augment, profiles, sources, tfds_sources
 
 
 def test_exact_lt_counts():
@@ -71,7 +71,7 @@ def test_split_validates_labels():
 def test_tfds_cifar_lt_with_mock_data(name, classes):
   n = 40 * classes
   with tfds.testing.mock_data(num_examples=n):
-    lt = sources.tfds_long_tail(name, imbalance_factor=10, val_fraction=0.0)
+    lt = tfds_sources.tfds_long_tail(name, imbalance_factor=10, val_fraction=0.0)
   counts = np.bincount(lt.train.label, minlength=classes)
   full_min = counts[0]  # n_max = the smallest class of the balanced mock train split
   assert counts.tolist() == profiles.long_tail_counts(full_min, classes, 10)
@@ -81,10 +81,10 @@ def test_tfds_cifar_lt_with_mock_data(name, classes):
 
 def test_mock_imagenet_and_inaturalist_sources():
   with tfds.testing.mock_data(num_examples=12):
-    inet = sources.tfds_source('imagenet2012', 'train')
+    inet = tfds_sources.tfds_source('imagenet2012', 'train')
     names = [pathlib_name(inet[i]['file_name']) for i in range(len(inet))]
-    inat = sources.tfds_source('i_naturalist2018', 'train')
-    split = sources.read_split(inat, range(5), num_classes=8142, name='inat',
+    inat = tfds_sources.tfds_source('i_naturalist2018', 'train')
+    split = tfds_sources.read_split(inat, range(5), num_classes=8142, name='inat',
                                transform=lambda im: augment.center_crop_resize(im, 16))
   assert split.x.shape == (5, 16, 16, 3) and split.x.dtype == np.uint8
   assert len(names) == 12 and all(isinstance(n, str) and n for n in names)
@@ -98,32 +98,32 @@ def pathlib_name(x):
 
 def test_imagenet_lt_split_list(tmp_path):
   with tfds.testing.mock_data(num_examples=12):
-    src = sources.tfds_source('imagenet2012', 'train')
+    src = tfds_sources.tfds_source('imagenet2012', 'train')
     # (mock names are random strings; real ImageNet names have no edge whitespace)
     files = [f for f in (pathlib_name(src[i]['file_name']) for i in range(len(src)))
              if f == f.strip()]
     # a synthetic ImageNet-LT list naming images of the mock split
     lst = tmp_path / 'ImageNet_LT_train.txt'
     lst.write_text(''.join(f'train/n0/{f} {i % 3}\n' for i, f in enumerate(files[:4])))
-    names, labels = sources.read_split_list(lst)
-    idx = sources.indices_for_list(src, names)
+    names, labels = tfds_sources.read_split_list(lst)
+    idx = tfds_sources.indices_for_list(src, names)
     assert [pathlib_name(src[int(i)]['file_name']) for i in idx] == names
     assert labels.tolist() == [0, 1, 2, 0]
     bad = tmp_path / 'bad.txt'
     bad.write_text('train/n0/unknown_image.JPEG 1\n')
     with pytest.raises(ValueError, match='not in the dataset'):
-      sources.indices_for_list(src, sources.read_split_list(bad)[0])
+      tfds_sources.indices_for_list(src, tfds_sources.read_split_list(bad)[0])
   malformed = tmp_path / 'm.txt'
   malformed.write_text('only_a_name\n')
   with pytest.raises(ValueError, match='expected'):
-    sources.read_split_list(malformed)
+    tfds_sources.read_split_list(malformed)
 
 
 def test_missing_dataset_fails_fast_with_instructions(tmp_path):
   with pytest.raises(sources.DatasetNotPreparedError, match='tfds build cifar10'):
-    sources.tfds_source('cifar10', 'train', data_dir=str(tmp_path))
+    tfds_sources.tfds_source('cifar10', 'train', data_dir=str(tmp_path))
   with pytest.raises(sources.DatasetNotPreparedError, match='manual_dir'):
-    sources.tfds_source('imagenet2012', 'train', data_dir=str(tmp_path))
+    tfds_sources.tfds_source('imagenet2012', 'train', data_dir=str(tmp_path))
 
 
 def test_npz_bring_your_own(tmp_path):
@@ -300,14 +300,14 @@ def test_imagenet_lt_lazy_pipeline_with_mock_data(tmp_path):
   with tfds.testing.mock_data(num_examples=12):
     files = {}
     for split in ('train', 'validation'):
-      src = sources.tfds_source('imagenet2012', split)
+      src = tfds_sources.tfds_source('imagenet2012', split)
       files[split] = [f for f in (pathlib_name(src[i]['file_name']) for i in range(len(src)))
                       if f == f.strip()]
     train_list, test_list = tmp_path / 'ImageNet_LT_train.txt', tmp_path / 'ImageNet_LT_test.txt'
     train_list.write_text(''.join(f'train/n/{f} {i % 3}\n' for i, f in enumerate(files['train'])))
     test_list.write_text(''.join(f'val/{f} {i % 3}\n' for i, f in enumerate(files['validation'])))
-    lt = sources.imagenet_lt(train_list, test_list, size=24)
-    assert isinstance(lt.train.x, sources.LazyImages)
+    lt = tfds_sources.imagenet_lt(train_list, test_list, size=24)
+    assert isinstance(lt.train.x, tfds_sources.LazyImages)
     assert len(lt.train) == len(files['train']) and lt.train.x.shape[1:] == (24, 24, 3)
     it = iter(data.train_batches(lt.train, data.BatchSpec(4, drop_remainder=True), num_epochs=1,
                                  seed=0, augment=augment.pad_crop_flip))
@@ -321,6 +321,6 @@ def test_imagenet_lt_lazy_pipeline_with_mock_data(tmp_path):
 
 def test_inaturalist_lazy_source_with_mock_data():
   with tfds.testing.mock_data(num_examples=6):
-    lt = sources.inaturalist2018(size=16)
+    lt = tfds_sources.inaturalist2018(size=16)
     assert len(lt.train) == 6 and lt.train.num_classes == 8142
     assert lt.train.x.gather([0, 1], np.random.default_rng(0)).shape == (2, 16, 16, 3)

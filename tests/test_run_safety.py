@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from sse_sam_jax import cli
-from sse_sam_jax.train import setup, trainer
+from sse_sam_jax.train import periodic, setup, trainer
 from sse_sam_jax.train import workdir as workdir_lib
 from tests.test_trainer import make_npz, small_config
 
@@ -248,7 +248,7 @@ def test_eval_and_hessian_without_checkpoints_fail_first_and_write_nothing(
 
 def test_nan_stop_without_a_checkpoint_says_so(npz, tmp_path):
   c = tiny(npz, **{'optimizer.lr': 1e30, 'optimizer.schedule': 'constant'})
-  with pytest.raises(trainer.NonFiniteLossError, match='no checkpoint was written yet'):
+  with pytest.raises(periodic.NonFiniteLossError, match='no checkpoint was written yet'):
     trainer.train(c, tmp_path, progress=False)
 
 

@@ -367,7 +367,7 @@ sys.path.insert(0, sys.argv[1])
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update('jax_enable_x64', True)
 from sse_sam_jax.train import dispatch, setup
-from sse_sam_jax.train.step import CompiledTrainStep
+from sse_sam_jax.train.compiled_step import CompiledTrainStep
 from tests.golden_cases import as_float64
 from tests.test_trainer import make_npz, small_config
 

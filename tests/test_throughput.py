@@ -11,7 +11,7 @@ from flax import nnx
 
 from sse_sam_jax.models import resnet
 from sse_sam_jax.train import dispatch, setup, trainer
-from sse_sam_jax.train.step import CompiledTrainStep, compiler_options
+from sse_sam_jax.train.compiled_step import CompiledTrainStep, compiler_options
 from tests import golden_cases
 from tests.golden_cases import as_float64
 from tests.test_trainer import make_npz, set_keys, small_config
@@ -124,7 +124,7 @@ RUN_WITH_WORKERS = r'''
 import sys, pathlib
 sys.path.insert(0, {root!r}); sys.path.insert(0, {root!r} + '/benchmarks')
 import loop_efficiency
-from sse_sam_jax.train import dispatch, trainer
+from sse_sam_jax.train import periodic, trainer
 from tests.test_trainer import small_config
 
 if __name__ == '__main__':
@@ -136,7 +136,7 @@ if __name__ == '__main__':
                            'optimizer.lr': 1e30 if mode == 'nan' else 0.05}})
   try:
     trainer.train(c, workdir, progress=False)
-  except trainer.NonFiniteLossError:
+  except periodic.NonFiniteLossError:
     print('stopped on NaN')
   print('done', flush=True)
 '''
@@ -225,7 +225,8 @@ def test_eigen_convolutions_on_cpu_compile_the_step_without_ynnpack_convolutions
 
   from sse_sam_jax import losses, models
   from sse_sam_jax.train import config as config_lib
-  from sse_sam_jax.train.step import CompiledTrainStep, compiler_options, init_state
+  from sse_sam_jax.train.compiled_step import CompiledTrainStep, compiler_options
+  from sse_sam_jax.train.step import init_state
   assert config_lib.default_config().cpu_convolutions == 'eigen'
   with pytest.raises(ValueError, match='cpu_convolutions'):
     compiler_options('mkl')
@@ -290,7 +291,8 @@ def test_programs_built_in_the_background_are_each_built_once_and_give_the_same_
 
   import sse_sam_jax as ssj
   from sse_sam_jax import losses, models
-  from sse_sam_jax.train.step import CompiledTrainStep, init_state
+  from sse_sam_jax.train.compiled_step import CompiledTrainStep
+  from sse_sam_jax.train.step import init_state
   model, params, stats = models.create('mlp', 3, in_features=4)
   tx = optax.chain(ssj.sam(0.05), optax.sgd(0.1))
   loss = lambda logits, y, step: losses.cross_entropy(logits, y)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from sse_sam_jax.train import commands, setup, trainer
+from sse_sam_jax.train import commands, periodic, setup, trainer
 from sse_sam_jax.train import config as config_lib
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -175,7 +175,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(npz, tmp_path):
   (tmp_path / 'run' / 'config.json').unlink()
   (tmp_path / 'run' / 'results.json').unlink()
   diverge = small_config(npz, epochs=4, **{'optimizer.lr': 1e30, 'optimizer.schedule': 'constant'})
-  with pytest.raises(trainer.NonFiniteLossError, match='last good checkpoint'):
+  with pytest.raises(periodic.NonFiniteLossError, match='last good checkpoint'):
     trainer.train(diverge, tmp_path / 'run', progress=False)
   from sse_sam_jax.train.checkpointing import Checkpoints
   ckpt = Checkpoints(tmp_path / 'run')

@@ -19,7 +19,8 @@ from sse_sam_jax import data as data_lib
 from sse_sam_jax import models
 from sse_sam_jax.train import config as config_lib
 from sse_sam_jax.train import setup
-from sse_sam_jax.train.step import CompiledTrainStep, init_state
+from sse_sam_jax.train.compiled_step import CompiledTrainStep
+from sse_sam_jax.train.step import init_state
 from tests import golden_cases
 
 METHOD_TO_OPTIMIZER = {'sgd': 'sgd', 'sam': 'sam', 'imbsam_batch': 'imbsam',

@@ -5,15 +5,11 @@
   sse-sam-jax train --config inaturalist2018
 """
 
-import pathlib
-
-from sse_sam_jax.cli import load_config
-
-_BASE = pathlib.Path(__file__).with_name('imagenet_lt.py')
+from sse_sam_jax.configs import imagenet_lt
 
 
 def get_config():
-  c = load_config(str(_BASE), [])
+  c = imagenet_lt.get_config()
   c.data.name = 'inaturalist2018'
   c.data.train_list = ''
   c.data.test_list = ''

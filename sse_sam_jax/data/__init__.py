@@ -9,19 +9,21 @@ from sse_sam_jax.data.pipeline import (
 from sse_sam_jax.data.profiles import long_tail_counts, select_long_tail
 from sse_sam_jax.data.sources import (
     DatasetNotPreparedError,
-    LazyImages,
     LongTailData,
     Split,
     hold_out,
-    imagenet_lt,
-    inaturalist2018,
     make_long_tailed,
     mnist1d_long_tail,
     npz_long_tail,
+)
+from sse_sam_jax.data.stats import SHOT_THRESHOLDS, ClassStats
+from sse_sam_jax.data.tfds_sources import (
+    LazyImages,
+    imagenet_lt,
+    inaturalist2018,
     tfds_long_tail,
     tfds_source,
 )
-from sse_sam_jax.data.stats import SHOT_THRESHOLDS, ClassStats
 
 __all__ = [
     'BatchSpec',

@@ -2,6 +2,9 @@
 
 from sse_sam_jax.optim.accumulation import microbatched
 from sse_sam_jax.optim.composition import bind_extra_args, check_composition
+from sse_sam_jax.optim.cross_device import mean_across
+from sse_sam_jax.optim.focal_sam import focal_sam, focal_weights
+from sse_sam_jax.optim.group_sam import group_coefficients, group_sam, imbsam
 from sse_sam_jax.optim.grouping import (
     HEAD,
     TAIL,
@@ -9,21 +12,14 @@ from sse_sam_jax.optim.grouping import (
     tail_classes,
     validate_class_counts,
 )
+from sse_sam_jax.optim.sam import asam, sam
 from sse_sam_jax.optim.sharpness_aware import (
     ASAM_ETA,
     NORMALIZATIONS,
     SharpnessAwareState,
     adaptive_leaves,
-    asam,
-    focal_sam,
-    focal_weights,
-    group_coefficients,
-    group_sam,
-    imbsam,
-    mean_across,
     perturb,
     resolve_mask,
-    sam,
     sharpness_steps_of,
     validate_radius,
 )

@@ -1,6 +1,10 @@
-r"""Sharpness-aware gradient transformations: SAM, group-wise SAM, ImbSAM.
+r"""What the sharpness-aware transformations share: their state, the conventions of
+their extra arguments, radius and mask checks, and :func:`perturb`. The transforms
+live one family per module: :mod:`~sse_sam_jax.optim.sam` (SAM, ASAM),
+:mod:`~sse_sam_jax.optim.group_sam` (group SAM, ImbSAM),
+:mod:`~sse_sam_jax.optim.focal_sam`, :mod:`~sse_sam_jax.optim.stage_switch` (SSE-SAM).
 
-Every transformation here is an :class:`optax.GradientTransformationExtraArgs`
+Every transformation is an :class:`optax.GradientTransformationExtraArgs`
 that **replaces** the incoming gradient by a sharpness-aware direction; put it
 first in a chain, before weight decay and the base optimizer (the references
 add weight decay at the *unperturbed* weights and leave it out of the
@@ -78,7 +82,6 @@ finite at :math:`w` and NaN at the perturbed point shows there, and an
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -86,8 +89,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sse_sam_jax.optim import composition, sharpness_reuse
 from sse_sam_jax.optim.sharpness_reuse import SharpnessReuseState, SharpnessSteps
+from sse_sam_jax.optim.tree_math import global_norm
 
 Radius = float | optax.Schedule | jax.Array
 
@@ -201,13 +204,6 @@ def _radius_at(rho: Radius, count: jax.Array):
   return rho(count) if callable(rho) else rho
 
 
-def _global_norm(tree) -> jax.Array:
-  """L2 norm over all leaves, accumulated in at least float32."""
-  leaves = jax.tree.leaves(tree)
-  dtype = jnp.result_type(jnp.float32, *[x.dtype for x in leaves])
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves))
-
-
 ASAM_ETA = 0.01  # Kwon et al. (2021): eta = 0.01 (with rho = 0.5 for SGD)
 
 
@@ -251,7 +247,7 @@ def perturb(params, direction, rho, mask=None, adaptive_eta=None):
               for p, s in zip(leaves, jax.tree_util.tree_leaves(adaptive_leaves(params)))]
   scaled = [d if t is None else d * t.astype(d.dtype) for d, t in zip(dirs, scales)]
   kept = [d for d, m in zip(scaled, keep) if m]
-  norm = _global_norm(kept) if kept else jnp.zeros([], jnp.float32)
+  norm = global_norm(kept) if kept else jnp.zeros([], jnp.float32)
   scale = rho / (norm + NORM_EPS)
 
   def move(p, d, t, m):
@@ -325,105 +321,6 @@ _EXTRA_ARGS_DOC = """
 """
 
 
-def sam(rho: Radius, *, mask=None, adaptive_eta: float | None = None,
-        sharpness_steps: SharpnessSteps | None = None) -> optax.GradientTransformationExtraArgs:
-  r"""Sharpness-Aware Minimization (Foret et al., 2021).
-
-  .. math::
-    g = \nabla L\big(w + \rho\, \nabla L(w) / \lVert \nabla L(w) \rVert\big),
-    \quad L = \tfrac1B \textstyle\sum_i l_i.
-
-  The incoming ``updates`` are read as :math:`\nabla L(w)` (what
-  ``jax.grad`` of the mean loss gives); with ``loss_vjp`` the clean gradient is
-  taken from it instead. ``rho = 0.0`` returns the incoming gradient (plain SGD,
-  no extra pass).
-
-  Args:
-    rho: radius, a float ``>= 0``, an optax schedule of the step count, or a
-      scalar array (``optax.inject_hyperparams``).
-    mask: optional pytree of bools (or callable ``params -> bools``): perturb
-      only these parameters (see the module docs).
-    adaptive_eta: ASAM (Kwon et al., 2021) with this :math:`\eta` (the paper's
-      0.01, :data:`ASAM_ETA`; see :func:`perturb`); ``None``: SAM. ASAM's
-      published radius is larger (0.5 with SGD on CIFAR): see :func:`asam`.
-    sharpness_steps: run the perturbed pass on some steps only and reuse its
-      sharpness component on the others (LookSAM; see
-      :mod:`sse_sam_jax.optim.sharpness_reuse`); ``None``: every step exact.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
-    and ``loss_fn``.
-  {extra}
-  Example:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import sse_sam_jax as ssj
-    >>> x, y = jnp.ones((4, 3)), jnp.array([0., 1., 2., 3.])
-    >>> loss_fn = lambda w: (x @ w - y) ** 2        # per-example losses
-    >>> w = jnp.zeros(3)
-    >>> tx = optax.chain(ssj.sam(0.05), optax.sgd(0.1))
-    >>> state = tx.init(w)
-    >>> grads = jax.grad(lambda w: loss_fn(w).mean())(w)
-    >>> updates, state = tx.update(grads, state, w, loss_fn=loss_fn)
-    >>> w = optax.apply_updates(w, updates)
-  """
-  rho = validate_radius(rho)
-  adaptive_eta = _check_adaptive_eta(adaptive_eta)
-  sharpness_steps = sharpness_reuse.validate(sharpness_steps)
-
-  def update_fn(updates, state, params=None, *, loss_fn=None, loss_vjp=None,
-                sharpness_step=None, perturbed_aux=None, **extra_args):
-    del extra_args
-    composition.check_composition('sam', params)
-    if _is_static_zero(rho):
-      return updates, _next_state(state)
-    _require('sam', params=params, loss_fn=loss_fn)
-    _check_aux_sink(perturbed_aux, 'sam')
-
-    def clean_fn():
-      if loss_vjp is None:
-        return _cast_like(updates, params)
-      losses, vjp_fn = loss_vjp
-      _check_losses(losses)
-      n = losses.shape[0]
-      return _cast_like(vjp_fn(jnp.full((n,), 1.0 / n, losses.dtype))[0], params)
-
-    def full_fn():
-      clean = clean_fn()
-      perturbed = perturb(params, clean, _radius_at(rho, state.count),
-                          resolve_mask(mask, params), adaptive_eta)
-      losses_p, vjp_p = _loss_vjp(loss_fn, perturbed, perturbed_aux)
-      _check_losses(losses_p)
-      n = losses_p.shape[0]
-      direction = vjp_p(jnp.full((n,), 1.0 / n, losses_p.dtype))[0]
-      return _cast_like(direction, params), jnp.all(jnp.isfinite(losses_p)), clean
-
-    direction, finite, sharpness, clean_norm = sharpness_reuse.step(
-        sharpness_steps, state, full_fn, clean_fn, sharpness_step=sharpness_step,
-        static_required=perturbed_aux is not None, name='sam')
-    return direction, _next_state(state, finite, sharpness, clean_norm)
-
-  update_fn.sharpness_steps = sharpness_steps  # read by sharpness_steps_of()
-  return optax.GradientTransformationExtraArgs(_init_fn(sharpness_steps), update_fn)
-
-
-sam.__doc__ = sam.__doc__.replace('{extra}', _EXTRA_ARGS_DOC)
-
-
-def asam(rho: Radius = 0.5, *, eta: float = ASAM_ETA, mask=None,
-         sharpness_steps: SharpnessSteps | None = None) -> optax.GradientTransformationExtraArgs:
-  r"""Adaptive SAM (Kwon et al., 2021) with the paper's defaults (``rho=0.5``, ``eta=0.01``).
-
-  :func:`sam` with ``adaptive_eta=eta``: the ascent step is
-  :math:`\rho\, T_w^2 g / \lVert T_w g\rVert`, :math:`T_w = |w| + \eta` element-wise
-  on kernels and scales, 1 on biases (the official code's rule).
-
-  Example:
-    >>> import optax, sse_sam_jax as ssj
-    >>> tx = optax.chain(ssj.asam(), optax.add_decayed_weights(5e-4), optax.sgd(0.1, 0.9))
-  """
-  return sam(rho, mask=mask, adaptive_eta=eta, sharpness_steps=sharpness_steps)
-
-
 def _check_adaptive_eta(eta):
   if eta is None:
     return None
@@ -438,303 +335,3 @@ def sharpness_steps_of(transform) -> SharpnessSteps | None:
   return getattr(transform.update, 'sharpness_steps', None)
 
 
-def group_coefficients(group_ids: jax.Array, num_groups: int, normalization: str,
-                       group_weights: jax.Array, dtype=jnp.float32) -> jax.Array:
-  """Per-example weights ``[num_groups, B]`` such that ``L_k = coeffs[k] @ losses``.
-
-  ``'batch'`` divides by the batch size, ``'group'`` by the group's size in the
-  batch; an empty group gets all-zero weights.
-  """
-  batch = group_ids.shape[0]
-  onehot = (group_ids[None, :] == jnp.arange(num_groups)[:, None]).astype(dtype)
-  weights = jnp.asarray(group_weights, dtype)[:, None]
-  if normalization == 'batch':
-    return onehot * weights / batch
-  sizes = jnp.sum(onehot, axis=1, keepdims=True)
-  return onehot * weights / jnp.where(sizes > 0, sizes, 1)
-
-
-def group_sam(rhos: Sequence[Radius], *, normalization: str = 'batch',
-              group_weights: Sequence[float] | None = None,
-              class_groups: Sequence[int] | None = None,
-              mask=None, adaptive_eta: float | None = None,
-              sharpness_steps: SharpnessSteps | None = None, name: str = 'group_sam',
-              ) -> optax.GradientTransformationExtraArgs:
-  r"""Group-wise SAM: every group of examples is perturbed with its own radius.
-
-  .. math::
-    g = \sum_k \nabla L_k\big(w + \rho_k\, \nabla L_k(w) / \lVert \nabla L_k(w) \rVert\big).
-
-  All group gradients at :math:`w` come from **one** forward pass (one
-  backward per group); a group with the constant radius ``0.0`` contributes
-  its clean gradient and costs no further pass. The incoming ``updates`` are
-  not read (only replaced), so a caller that passes ``loss_vjp`` need not
-  compute the plain gradient at all.
-
-  Args:
-    rhos: one radius per group (float or optax schedule).
-    normalization: ``'batch'`` (divide group sums by the batch size; the
-      default, as in the SSE-SAM and ImbSAM papers' code) or ``'group'``
-      (divide by the group's size in the batch).
-    group_weights: a multiplier per group (default all 1).
-    class_groups: optional int ``[num_classes]`` giving each class's group, so
-      that ``update`` may be called with ``labels`` instead of ``group_ids``.
-    mask: optional pytree of bools (or callable ``params -> bools``): perturb
-      only these parameters, for every group (see the module docs).
-    adaptive_eta: ASAM's :math:`\eta` for every group's ascent step (see
-      :func:`perturb`); ``None``: SAM's.
-    sharpness_steps: perturbed passes on some steps only (LookSAM reuse of the
-      summed direction's sharpness component; see
-      :mod:`sse_sam_jax.optim.sharpness_reuse`). A reuse step costs one clean
-      forward and one backward pass.
-    name: the name used in error messages.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``,
-    ``loss_fn`` and ``group_ids`` (or ``labels``); ``loss_vjp`` is optional.
-  {extra}"""
-  rhos = tuple(validate_radius(r, f'rhos[{i}]') for i, r in enumerate(rhos))
-  num_groups = len(rhos)
-  if num_groups == 0:
-    raise ValueError('group_sam needs at least one group radius.')
-  if normalization not in NORMALIZATIONS:
-    raise ValueError(f'normalization must be one of {NORMALIZATIONS}, got {normalization!r}.')
-  if group_weights is None:
-    group_weights = (1.0,) * num_groups
-  group_weights = tuple(_check_weight(w, i) for i, w in enumerate(group_weights))
-  if len(group_weights) != num_groups:
-    raise ValueError(
-        f'group_weights must be {num_groups} finite non-negative numbers, got {group_weights}.')
-  if class_groups is not None:
-    class_groups = _check_class_groups(class_groups, num_groups)
-
-  adaptive_eta = _check_adaptive_eta(adaptive_eta)
-  sharpness_steps = sharpness_reuse.validate(sharpness_steps)
-
-  def update_fn(updates, state, params=None, *, loss_fn=None, loss_vjp=None,
-                group_ids=None, labels=None, sharpness_step=None, perturbed_aux=None,
-                **extra_args):
-    del updates, extra_args
-    composition.check_composition(name, params)
-    if group_ids is None and labels is not None and class_groups is not None:
-      group_ids = jnp.asarray(class_groups)[labels]
-    _require(name, params=params, loss_fn=loss_fn, group_ids=group_ids)
-    _check_aux_sink(perturbed_aux, name)
-    group_ids = jnp.asarray(group_ids)
-    if group_ids.ndim != 1:
-      raise ValueError(f'group_ids must have shape [B], got {group_ids.shape}.')
-    if loss_vjp is None:
-      losses, vjp_fn = _loss_vjp(loss_fn, params, [] if perturbed_aux is not None else None)
-    else:
-      losses, vjp_fn = loss_vjp
-    _check_losses(losses, group_ids.shape[0])
-    coeffs = group_coefficients(group_ids, num_groups, normalization, group_weights,
-                                jnp.result_type(jnp.float32, losses.dtype))
-    coeffs = coeffs.astype(losses.dtype)
-    full_mask = resolve_mask(mask, params)
-
-    def full_fn():
-      direction, finite, clean = None, None, None
-      for k, rho in enumerate(rhos):
-        grad_k = vjp_fn(coeffs[k])[0]
-        if sharpness_steps is not None:
-          clean = grad_k if clean is None else jax.tree.map(jnp.add, clean, grad_k)
-        if not _is_static_zero(rho):
-          perturbed = perturb(params, grad_k, _radius_at(rho, state.count), full_mask,
-                              adaptive_eta)
-          grad_k, finite_k = _vjp(loss_fn, perturbed, coeffs[k], perturbed_aux)
-          finite = finite_k if finite is None else jnp.logical_and(finite, finite_k)
-        direction = grad_k if direction is None else jax.tree.map(jnp.add, direction, grad_k)
-      clean = None if clean is None else _cast_like(clean, params)
-      return _cast_like(direction, params), finite, clean
-
-    def clean_fn():  # the clean gradient of sum_k L_k: one backward pass
-      return _cast_like(vjp_fn(jnp.sum(coeffs, axis=0))[0], params)
-
-    direction, finite, sharpness, clean_norm = sharpness_reuse.step(
-        sharpness_steps, state, full_fn, clean_fn, sharpness_step=sharpness_step,
-        static_required=perturbed_aux is not None, name=name)
-    return direction, _next_state(state, finite, sharpness, clean_norm)
-
-  update_fn.sharpness_steps = sharpness_steps
-  return optax.GradientTransformationExtraArgs(_init_fn(sharpness_steps), update_fn)
-
-
-group_sam.__doc__ = group_sam.__doc__.replace('{extra}', _EXTRA_ARGS_DOC)
-
-
-def _check_weight(weight, index):
-  value = concrete_value(weight)
-  if value is None:
-    return weight  # traced (optax.inject_hyperparams inside jit)
-  if value.shape != () or not np.isfinite(value) or value < 0:
-    raise ValueError(f'group weight {index} must be a finite number >= 0, got {weight!r}.')
-  return float(value) if not isinstance(weight, jax.Array) else weight
-
-
-def _check_class_groups(class_groups, num_groups):
-  values = concrete_value(class_groups)
-  if values is None:
-    raise TypeError(
-        'class groups / tail_classes must be concrete (NumPy or Python) values, not traced. '
-        'Under optax.inject_hyperparams, list them in static_args, e.g. '
-        "optax.inject_hyperparams(ssj.sse_sam, static_args=('switch_step', 'tail_classes')).")
-  values = np.asarray(values)
-  if values.ndim != 1 or not (np.issubdtype(values.dtype, np.integer) or values.dtype == bool) \
-      or np.any((values < 0) | (values >= num_groups)):
-    raise ValueError(f'class_groups must map each class to a group in [0, {num_groups}).')
-  return values.astype(np.int32)
-
-
-def _head_tail_class_groups(tail_classes):
-  if tail_classes is None:
-    return None
-  values = concrete_value(tail_classes)
-  if values is None:
-    _check_class_groups(tail_classes, 2)  # raises: traced
-  tail_classes = np.asarray(values)
-  if tail_classes.dtype != bool:
-    raise TypeError('tail_classes must be a boolean mask over classes '
-                    '(see sse_sam_jax.optim.tail_classes).')
-  return tail_classes.astype(np.int32)
-
-
-def imbsam(rho: Radius, *, normalization: str = 'batch', tail_weight: float = 1.0,
-           tail_classes=None, mask=None, adaptive_eta: float | None = None,
-           sharpness_steps: SharpnessSteps | None = None,
-           ) -> optax.GradientTransformationExtraArgs:
-  r"""ImbSAM (Zhou et al., 2023): only the tail group is perturbed.
-
-  .. math::
-    g = \nabla L_H(w) + \nabla L_T\big(w + \rho\, \nabla L_T(w) / \lVert \nabla L_T(w) \rVert\big).
-
-  ``group_ids`` marks head examples 0 and tail examples 1 (or pass ``labels``
-  and build with ``tail_classes``). Defaults follow the paper (batch
-  normalization, tail weight 1). The baseline inside the SSE-SAM repository is
-  ``normalization='group'``; the ImbSAM repository's current code is
-  ``tail_weight=2.0``. ``mask``, ``adaptive_eta`` (ASAM) and ``sharpness_steps``
-  (LookSAM-style reuse) as in :func:`group_sam`.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import sse_sam_jax as ssj
-    >>> tail = ssj.tail_classes([500, 200, 30], eta=50)   # class 2 is tail
-    >>> tx = optax.chain(ssj.imbsam(0.1, tail_classes=tail), optax.sgd(0.1))
-    >>> x, y = jnp.eye(3), jnp.array([0, 1, 2])
-    >>> w = jnp.zeros((3, 3))
-    >>> loss_fn = lambda w: -jax.nn.log_softmax(x @ w)[jnp.arange(3), y]
-    >>> state = tx.init(w)
-    >>> updates, state = tx.update(w, state, w, loss_fn=loss_fn, labels=y)
-  """
-  return group_sam((0.0, rho), normalization=normalization,
-                   group_weights=(1.0, tail_weight),
-                   class_groups=_head_tail_class_groups(tail_classes), mask=mask,
-                   adaptive_eta=adaptive_eta, sharpness_steps=sharpness_steps, name='imbsam')
-
-
-def focal_weights(class_counts, gamma: float) -> np.ndarray:
-  r"""Focal-SAM's class weights :math:`(1 - \pi_c)^\gamma`, :math:`\pi_c` the class's
-  share of the training set: rarer classes weigh more."""
-  counts = np.asarray(class_counts, np.float64)
-  if counts.ndim != 1 or counts.size < 1 or np.any(counts <= 0) or not np.all(np.isfinite(counts)):
-    raise ValueError('class_counts must be positive training-set sizes, one per class.')
-  if not np.isfinite(gamma) or gamma < 0:
-    raise ValueError(f'gamma must be finite and >= 0, got {gamma}.')
-  return (1.0 - counts / counts.sum()) ** float(gamma)
-
-
-def focal_sam(rho: Radius, *, lam: float, gamma: float, class_counts, mask=None,
-              adaptive_eta: float | None = None,
-              sharpness_steps: SharpnessSteps | None = None,
-              ) -> optax.GradientTransformationExtraArgs:
-  r"""Focal-SAM (Li et al., ICML 2025, Algorithm 1): class-wise sharpness weighted by
-  :math:`(1 - \pi_c)^\gamma`, at the cost of one perturbed pass.
-
-  With :math:`L = \tfrac1B\sum_i l_i` and the focal loss
-  :math:`L^\gamma = \tfrac1B\sum_i (1 - \pi_{y_i})^\gamma l_i` (the class-wise losses
-  :math:`L^c` batch-normalised, so that :math:`\sum_c L^c = L`),
-
-  .. math::
-    \hat\epsilon = \rho\, \nabla L^\gamma(w) / \lVert \nabla L^\gamma(w) \rVert, \quad
-    g = \nabla L(w) - \lambda \nabla L^\gamma(w) + \lambda \nabla L^\gamma(w + \hat\epsilon),
-
-  the first-order form of :math:`L(w) + \lambda \sum_c (1-\pi_c)^\gamma
-  [\max_{\lVert\epsilon\rVert\le\rho} L^c(w+\epsilon) - L^c(w)]` with one shared
-  perturbation. ``gamma = 0`` and ``lam = 1`` is SAM. A per-class radius would need
-  one perturbed pass per class (CC-SAM); this is the one-pass alternative.
-
-  Passes: one clean forward, two backwards, one perturbed forward+backward (8 units,
-  2.7x SGD; ImbSAM's cost). ``update`` needs ``params``, ``loss_fn`` and
-  ``labels``. We could not read the paper's default ``lam``/``gamma`` here; they
-  are required arguments.
-
-  Example:
-    >>> import optax, sse_sam_jax as ssj
-    >>> tx = optax.chain(ssj.focal_sam(0.05, lam=1.0, gamma=1.0, class_counts=[500, 50, 5]),
-    ...                  optax.sgd(0.1))
-  """
-  rho = validate_radius(rho)
-  if not np.isfinite(lam) or lam < 0:
-    raise ValueError(f'lam must be finite and >= 0, got {lam}.')
-  weights = focal_weights(class_counts, gamma).astype(np.float32)
-  adaptive_eta = _check_adaptive_eta(adaptive_eta)
-  sharpness_steps = sharpness_reuse.validate(sharpness_steps)
-
-  def update_fn(updates, state, params=None, *, loss_fn=None, loss_vjp=None, labels=None,
-                sharpness_step=None, perturbed_aux=None, **extra_args):
-    del updates, extra_args
-    composition.check_composition('focal_sam', params)
-    _require('focal_sam', params=params, loss_fn=loss_fn, labels=labels)
-    _check_aux_sink(perturbed_aux, 'focal_sam')
-    labels = jnp.asarray(labels)
-    if loss_vjp is None:
-      losses, vjp_fn = _loss_vjp(loss_fn, params, [] if perturbed_aux is not None else None)
-    else:
-      losses, vjp_fn = loss_vjp
-    _check_losses(losses, labels.shape[0])
-    n = labels.shape[0]
-    plain = jnp.full((n,), 1.0 / n, losses.dtype)
-    focal = (jnp.asarray(weights)[labels] / n).astype(losses.dtype)
-
-    def clean_fn():
-      return _cast_like(vjp_fn(plain)[0], params)
-
-    def full_fn():
-      clean = clean_fn()
-      if _is_static_zero(rho) or lam == 0:
-        return clean, None, clean
-      grad_focal = vjp_fn(focal)[0]
-      perturbed = perturb(params, grad_focal, _radius_at(rho, state.count),
-                          resolve_mask(mask, params), adaptive_eta)
-      grad_at, finite = _vjp(loss_fn, perturbed, focal, perturbed_aux)
-      direction = jax.tree.map(lambda g, f, p: g + lam * (p.astype(g.dtype) - f.astype(g.dtype)),
-                               clean, grad_focal, grad_at)
-      return _cast_like(direction, params), finite, clean
-
-    direction, finite, sharpness, clean_norm = sharpness_reuse.step(
-        sharpness_steps, state, full_fn, clean_fn, sharpness_step=sharpness_step,
-        static_required=perturbed_aux is not None, name='focal_sam')
-    return direction, _next_state(state, finite, sharpness, clean_norm)
-
-  update_fn.sharpness_steps = sharpness_steps
-  return optax.GradientTransformationExtraArgs(_init_fn(sharpness_steps), update_fn)
-
-
-def mean_across(axis_name: str | tuple[str, ...]) -> optax.GradientTransformation:
-  """Averages the updates over one or more mapped axes (``lax.pmean``).
-
-  Put it right after a sharpness-aware transform inside ``shard_map`` for
-  **per-device** perturbations (the original SAM's m-sharpness): every device
-  perturbs from its own shard's gradient, then the directions are averaged once.
-  Inside ``vmap(..., axis_name='microbatch')`` it averages per-microbatch
-  directions; ``('data', 'microbatch')`` does both at once.
-  """
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    del params
-    return jax.lax.pmean(updates, axis_name), state
-
-  return optax.GradientTransformation(init_fn, update_fn)

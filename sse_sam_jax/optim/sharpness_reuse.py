@@ -58,6 +58,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sse_sam_jax.optim.tree_math import global_norm, tree_dot
+
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B1
 _M1, _M2 = 0x7FEB352D, 0x846CA68B
@@ -178,20 +180,11 @@ class SharpnessReuseState(NamedTuple):
   clean_norm: jax.Array
 
 
-def _dot(a, b) -> jax.Array:
-  return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 def sharpness_component(direction, clean):
   r""":math:`g_s - \langle g, g_s\rangle / \lVert g\rVert^2\, g` (zero ``g``: ``g_s``)."""
-  coef = _dot(clean, direction) / (_dot(clean, clean) + _EPS)
+  coef = tree_dot(clean, direction) / (tree_dot(clean, clean) + _EPS)
   return jax.tree.map(lambda s, g: (s.astype(jnp.float32) - coef * g.astype(jnp.float32)
                                     ).astype(s.dtype), direction, clean)
-
-
-def norm(tree) -> jax.Array:
-  return jnp.sqrt(_dot(tree, tree))
 
 
 def reused_direction(clean, sharpness, alpha: float, reference_norm=None):
@@ -199,8 +192,8 @@ def reused_direction(clean, sharpness, alpha: float, reference_norm=None):
   ``reference_norm`` (``scale='measured'``) :math:`\lVert g_v\rVert` is replaced by it."""
   if alpha == 0.0:
     return clean
-  denominator = norm(sharpness) if reference_norm is None else reference_norm
-  coef = alpha * norm(clean) / (denominator + _EPS)
+  denominator = global_norm(sharpness) if reference_norm is None else reference_norm
+  coef = alpha * global_norm(clean) / (denominator + _EPS)
   return jax.tree.map(lambda g, v: (g.astype(jnp.float32) + coef * v.astype(jnp.float32)
                                     ).astype(g.dtype), clean, sharpness)
 
@@ -229,7 +222,7 @@ def step(steps: SharpnessSteps | None, state, full_fn, clean_fn, *, sharpness_st
     direction, finite, clean = full_fn()
     finite = jnp.asarray(True) if finite is None else finite
     return (direction, finite, sharpness_component(direction, clean),
-            norm(clean).astype(state.clean_norm.dtype))
+            global_norm(clean).astype(state.clean_norm.dtype))
 
   def cheap():
     clean = clean_fn()

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sse_sam_jax.optim import group_sam as group_sam_lib
+from sse_sam_jax.optim import sam as sam_lib
 from sse_sam_jax.optim import sharpness_aware, sharpness_reuse
 from sse_sam_jax.optim.sharpness_aware import Radius
 from sse_sam_jax.optim.sharpness_reuse import SharpnessSteps
@@ -223,12 +225,12 @@ def sse_sam(head_rho: Radius, tail_rho: Radius, switch_step: int, *,
   """
   switch_step = _check_switch_step(switch_step)
   sharpness_aware.validate_radius(head_rho, 'head_rho')
-  class_groups = sharpness_aware._head_tail_class_groups(tail_classes)
+  class_groups = group_sam_lib._head_tail_class_groups(tail_classes)
   kw = dict(normalization=normalization, group_weights=(1.0, tail_weight),
             class_groups=class_groups, mask=mask, adaptive_eta=adaptive_eta,
             sharpness_steps=sharpness_steps, name='sse_sam')
-  stage1 = sharpness_aware.group_sam((head_rho, tail_rho), **kw)
-  stage2 = sharpness_aware.group_sam((0.0, _shifted(tail_rho, switch_step)), **kw)
+  stage1 = group_sam_lib.group_sam((head_rho, tail_rho), **kw)
+  stage2 = group_sam_lib.group_sam((0.0, _shifted(tail_rho, switch_step)), **kw)
   return stage_switch([stage1, stage2], [switch_step])
 
 
@@ -243,9 +245,9 @@ def sam_then_imbsam(rho: Radius, tail_rho: Radius, switch_step: int, *,
   """
   switch_step = _check_switch_step(switch_step)
   return stage_switch(
-      [sharpness_aware.sam(rho, mask=mask, adaptive_eta=adaptive_eta,
+      [sam_lib.sam(rho, mask=mask, adaptive_eta=adaptive_eta,
                            sharpness_steps=sharpness_steps),
-       sharpness_aware.imbsam(_shifted(tail_rho, switch_step), normalization=normalization,
+       group_sam_lib.imbsam(_shifted(tail_rho, switch_step), normalization=normalization,
                               tail_weight=tail_weight, tail_classes=tail_classes, mask=mask,
                               adaptive_eta=adaptive_eta, sharpness_steps=sharpness_steps)],
       [switch_step])

@@ -14,9 +14,10 @@ from sse_sam_jax import losses as losses_lib
 from sse_sam_jax.models import MODELS
 from sse_sam_jax.models.small import INITS as MODEL_INITS
 from sse_sam_jax.optim import NORMALIZATIONS
+from sse_sam_jax.train.compiled_step import CPU_CONVOLUTIONS
 from sse_sam_jax.train.schedules import SCHEDULES
 from sse_sam_jax.train.sharding import PARAMETER_SHARDINGS
-from sse_sam_jax.train.step import CPU_CONVOLUTIONS, RUNNING_STATS
+from sse_sam_jax.train.step import RUNNING_STATS
 
 DATASETS = ('mnist1d', 'cifar10', 'cifar100', 'npz', 'imagenet_lt', 'inaturalist2018')
 PERTURBATION_SCOPES = ('global', 'per_device', 'microbatch')

@@ -1,7 +1,7 @@
 """How the loop's steps are grouped into dispatches and put on the devices.
 
 ``steps_per_dispatch`` consecutive full batches of one epoch and one stage run as one
-compiled program (:func:`sse_sam_jax.train.step.scan_steps`); :class:`DispatchPlan`
+compiled program (:func:`sse_sam_jax.train.compiled_step.scan_steps`); :class:`DispatchPlan`
 decides the grouping from the step index alone, :func:`programs` lists the programs
 a run needs in the order of first use (built before step 0, or the first one before and
 the others in background threads: :func:`background_compile_threads`), and
@@ -17,8 +17,7 @@ import jax
 import numpy as np
 
 from sse_sam_jax.train import setup
-from sse_sam_jax.train import step as step_lib
-from sse_sam_jax.train.step import CompiledTrainStep
+from sse_sam_jax.train.compiled_step import CompiledTrainStep, stacked
 
 
 def steps_per_dispatch(c) -> int:
@@ -90,7 +89,7 @@ def programs(run: setup.Run, dispatches, train_step: CompiledTrainStep) -> list:
   out = []
   for kind, n, b in needed:
     lead = (n,) if n > 1 else ()
-    sharding = step_lib.stacked(run.batch_sharding) if n > 1 else run.batch_sharding
+    sharding = stacked(run.batch_sharding) if n > 1 else run.batch_sharding
     spec = {'x': jax.ShapeDtypeStruct(lead + (b,) + example, np.float32, sharding=sharding),
             'label': jax.ShapeDtypeStruct(lead + (b,), np.int32, sharding=sharding)}
     if run.pads_last_batch:
@@ -134,7 +133,7 @@ def device_batch(batches: list, step: int, run: setup.Run):
   if len(batches) == 1:
     host = jax.tree.map(lambda a: a[0], host)
   else:
-    sharding = step_lib.stacked(sharding)
+    sharding = stacked(sharding)
   if jax.process_count() > 1:
     return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), host)
   return jax.device_put(host, sharding)

@@ -181,8 +181,9 @@ class ScopePlan:
 
   ``average``: the transform chained right after the sharpness-aware one (the
   direction averaged across devices and/or microbatches), or ``None``;
-  ``per_device_axis`` / ``microbatch``: how :class:`~sse_sam_jax.train.step.CompiledTrainStep`
-  wraps the step; :meth:`layout` what every checkpoint records of it.
+  ``per_device_axis`` / ``microbatch``: how
+  :class:`~sse_sam_jax.train.compiled_step.CompiledTrainStep` wraps the step;
+  :meth:`layout` what every checkpoint records of it.
   """
   scope: str
   average: optax.GradientTransformation | None
