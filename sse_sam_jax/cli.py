@@ -176,6 +176,10 @@ def main(argv=None):
                       help='show the full traceback of an error')
   parser.add_argument('--distributed', action='store_true',
                       help='call jax.distributed.initialize() first (multi-host)')
+  parser.add_argument('--verbosity', default='info', choices=('debug', 'info', 'warning', 'error'),
+                      help='which messages to show (the results table is always printed)')
+  parser.add_argument('--log-all-hosts', action='store_true',
+                      help='multi-host: every host logs (default: the first host only)')
   parser.add_argument('--groups', default='head_tail', choices=('head_tail', 'shots', 'class'),
                       help='hessian: the class groups')
   parser.add_argument('--split', default='train', choices=('train', 'val', 'test'))
@@ -186,6 +190,8 @@ def main(argv=None):
   args = parser.parse_intermixed_args(argv)
   args.overrides = list(args.overrides) + flag_overrides
   _require_training_extra()
+  from sse_sam_jax.train import logs  # pylint: disable=g-import-not-at-top
+  logs.setup(args.verbosity, all_hosts=args.log_all_hosts)
   try:
     return _run(args)
   except USER_ERRORS as e:

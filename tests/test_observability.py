@@ -152,3 +152,35 @@ print(matplotlib.get_backend(), len(plt.get_fignums()))
   assert out.stdout.split() == ['svg', '0']
   assert (tmp_path / 'a.png').read_bytes()[:4] == b'\x89PNG'
   assert (tmp_path / 'b.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_messages_go_through_logging_first_host_only_and_verbosity(capsys):
+  """Information to stdout, warnings to stderr, as plain lines; --verbosity=warning hides
+  information; a host other than the first shows nothing unless all_hosts."""
+  import logging
+  from unittest import mock
+
+  from sse_sam_jax.train import logs
+  log = logging.getLogger('sse_sam_jax.train.trainer')
+  try:
+    logs.setup('info')
+    log.info('hello %d', 1)
+    log.warning('careful')
+    out = capsys.readouterr()
+    assert out.out == 'hello 1\n' and out.err == 'careful\n'
+    logs.setup('warning')
+    log.info('hidden')
+    log.warning('shown')
+    out = capsys.readouterr()
+    assert out.out == '' and out.err == 'shown\n'
+    logs.setup('info')
+    with mock.patch('jax.process_index', return_value=1):
+      log.warning('second host')
+      assert capsys.readouterr().err == ''
+      logs.setup('info', all_hosts=True)
+      log.warning('second host, all hosts')
+      assert capsys.readouterr().err == 'second host, all hosts\n'
+    with pytest.raises(ValueError, match='verbosity must be one of'):
+      logs.setup('loud')
+  finally:
+    logs.setup('info')

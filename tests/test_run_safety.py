@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from sse_sam_jax import cli
-from sse_sam_jax.train import periodic, setup, trainer
+from sse_sam_jax.train import checkpointing, periodic, resume, setup, trainer
 from sse_sam_jax.train import workdir as workdir_lib
 from tests.test_trainer import make_npz, small_config
 
@@ -140,7 +140,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_older_one_restored(
   c = tiny(npz)
   spe = int(uninterrupted.step) // 3
   trainer.train(c, tmp_path, progress=False, stop_after_steps=2 * spe + 1)  # ckpts at 1, 2 epochs
-  last = tmp_path / 'checkpoints' / 'last'
+  last = pathlib.Path(checkpointing.step_directory(tmp_path))
   assert sorted(int(p.name) for p in last.iterdir() if p.name.isdigit()) == [spe, 2 * spe]
   _damage(last / str(2 * spe), kind)
   capsys.readouterr()
@@ -150,7 +150,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_older_one_restored(
   assert len(lines) == 1 and f'checkpoint step {2 * spe} is damaged' in lines[0], err
   assert 'another config' not in err and 'another experiment' not in err
   damaged = list((tmp_path / 'checkpoints' / 'damaged').iterdir())
-  assert len(damaged) == 1 and (damaged[0] / 'last').exists()  # kept, not deleted
+  assert len(damaged) == 1 and (damaged[0] / 'kept').exists()  # kept, not deleted
   chex.assert_trees_all_equal(jax.device_get(resumed['state']), uninterrupted)
 
 
@@ -278,7 +278,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(npz, tmp_path)
   assert proc.returncode == 143, (out[-1000:], err[-2000:])
   assert 'SIGTERM: checkpoint saved at step' in out
   saved = int(out.split('SIGTERM: checkpoint saved at step ')[1].split()[0])
-  assert (work / 'checkpoints' / 'last' / str(saved)).exists()
+  assert (checkpointing.step_directory(work) / str(saved)).exists()
   again = subprocess.run([*cmd, '--workdir', str(work), *args], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-2000:]
@@ -292,3 +292,32 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(npz, tmp_path)
   full_lines = [json.loads(l) for l in full_metrics.splitlines()]
   assert [l['step'] for l in lines] == [l['step'] for l in full_lines]  # each step once
   assert [l.get('train_loss') for l in lines] == [l.get('train_loss') for l in full_lines]
+
+
+def test_a_workdir_of_the_two_manager_layout_resumes_and_evaluates_its_best(
+    npz, tmp_path, uninterrupted):
+  """A run saved by the earlier layout (``checkpoints/last/`` without metrics and
+  ``checkpoints/best/`` with them, one manager each) resumes to the uninterrupted run's
+  state and keeps its best checkpoint readable. The old layout is made from a run of
+  the current one: each step folder holds the same items, only the folders differ."""
+  c = tiny(npz)
+  c.eval.select_on, c.eval.every_epochs = 'test', 1
+  spe = int(uninterrupted.step) // 3
+  trainer.train(c, tmp_path, progress=False, stop_after_steps=2 * spe + 1)
+  root = tmp_path / 'checkpoints'
+  best = checkpointing.Checkpoints(tmp_path).best_step()
+  assert best in (spe, 2 * spe)
+  (root / 'best').mkdir()
+  shutil.copytree(root / 'steps' / str(best), root / 'best' / str(best))
+  for step_dir in (root / 'steps').iterdir():
+    shutil.rmtree(step_dir / 'metrics', ignore_errors=True)  # last/ had no metrics
+  (root / 'steps').rename(root / 'last')
+  assert checkpointing.step_directory(tmp_path) == root / 'last'
+  old = checkpointing.Checkpoints(tmp_path)
+  assert old.best_step() == best and old.legacy_best is not None
+  old.close()
+  resumed = trainer.train(c, tmp_path, progress=False)
+  chex.assert_trees_all_equal(jax.device_get(resumed['state'].params), uninterrupted.params)
+  assert not (root / 'steps').exists()  # continued in place
+  _, model, meta = resume.restore_model(c, tmp_path, 'best')
+  assert meta['checkpoint'] == 'best' and int(model['step']) >= best

@@ -17,7 +17,12 @@ from sse_sam_jax import models
 from sse_sam_jax.train import config as config_lib
 from sse_sam_jax.train import setup, trainer
 from sse_sam_jax.train.step import init_state, train_step
-from tests.test_trainer import small_config  # pylint: disable=unused-import
+from tests.test_trainer import make_npz, small_config
+
+
+@pytest.fixture(scope='module')
+def npz(tmp_path_factory):
+  return make_npz(tmp_path_factory.mktemp('data') / 'blobs.npz')
 
 
 @pytest.mark.parametrize('overrides', [

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Callable
 
+import jax
 import numpy as np
 
 from sse_sam_jax.analysis import hessian
@@ -22,6 +24,8 @@ def model_loss(model, batch_stats, per_example_loss):
 def groups_for(stats: ClassStats, kind: str, eta: float | None = None) -> dict[str, np.ndarray]:
   """Class masks: ``'head_tail'`` (needs ``eta``), ``'shots'`` (Many/Medium/Few), ``'class'``."""
   if kind == 'head_tail':
+    if eta is None:
+      raise ValueError("groups 'head_tail' need eta (classes with fewer examples are tail).")
     tail = stats.tail_classes(eta)
     return {'head': ~tail, 'tail': tail}
   if kind == 'shots':
@@ -44,7 +48,7 @@ def group_spectra(loss, params, split: Split, groups: dict, *, normalization='ba
     w = hessian.example_weights(split.label, classes, split.num_classes, normalization)
     g = hessian.GroupLoss(loss, params, split.x, split.label, w, batch_size)
     dt = dtype or g.flat_params.dtype
-    hvp = g.hvp
+    hvp: Callable[[jax.Array], jax.Array] = g.hvp
     bar = None
     if progress:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
@@ -52,9 +56,10 @@ def group_spectra(loss, params, split: Split, groups: dict, *, normalization='ba
       bar = tqdm(total=total, desc=f'hessian {name} ({int((w != 0).sum())} examples)',
                  unit='hvp', leave=False)
 
-      def hvp(v, _hvp=g.hvp, _bar=bar):
+      def counted_hvp(v, _hvp=g.hvp, _bar=bar):
         _bar.update(1)
         return _hvp(v)
+      hvp = counted_hvp
     lo, hi = hessian.extreme_eigenvalues(hvp, g.dim, lanczos_iters, seed, dt)
     result = {'lambda_min': lo, 'lambda_max': hi, 'examples': int((w != 0).sum())}
     if trace_probes:

@@ -14,6 +14,7 @@ import functools
 import os
 import pathlib
 import zipfile
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ class DatasetNotPreparedError(RuntimeError):
 
 @dataclasses.dataclass
 class Split:
-  x: np.ndarray
+  x: Any  # an array [N, ...], or images read on demand (tfds_sources.LazyImages)
   label: np.ndarray
   num_classes: int
   name: str = ''
@@ -144,6 +145,9 @@ def npz_long_tail(path, imbalance_factor: float | None = None, *, num_classes=No
     train, test = full, Split(tx, ty, num_classes, path.stem + '-test')
   else:
     train, test = hold_out(full, test_fraction, seed + 1)
+    if test is None:
+      raise ValueError(f'{path}: test_fraction must be > 0 without a test file, got '
+                       f'{test_fraction}.')
   if imbalance_factor is not None:
     train = make_long_tailed(train, imbalance_factor, profile=profile, selection=selection,
                              seed=seed)
@@ -185,7 +189,7 @@ def _mnist1d_raw(num_samples: int, seed: int, iid_noise_scale: float) -> dict:
   if raw is None:
     from mnist1d.data import get_dataset_args, make_dataset  # 1.3 s of imports (scipy)
     args = get_dataset_args()
-    args.num_samples, args.seed, args.iid_noise_scale = num_samples, seed, iid_noise_scale
+    args.num_samples, args.seed, args.iid_noise_scale = num_samples, seed, iid_noise_scale  # pyright: ignore[reportAttributeAccessIssue]
     raw = {k: np.asarray(v) for k, v in make_dataset(args).items() if k in MNIST1D_KEYS}
     try:
       path.parent.mkdir(parents=True, exist_ok=True)

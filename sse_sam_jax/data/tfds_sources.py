@@ -5,6 +5,7 @@ tensorflow-datasets is the ``[tfds]`` extra; without it these fail in one line n
 from __future__ import annotations
 
 import pathlib
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ def _prepare_instructions(name: str, data_dir) -> str:
           f'{manual} Then pass the same data_dir (config data.data_dir or $TFDS_DATA_DIR).')
 
 
-def tfds_source(name: str, split: str, data_dir=None):
+def tfds_source(name: str, split: str, data_dir=None) -> Any:
   """``tfds.data_source`` with no download attempt; a clear error if not prepared, or if
   TFDS is not installed (the ``[tfds]`` extra)."""
   try:

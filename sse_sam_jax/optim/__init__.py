@@ -3,8 +3,8 @@
 from sse_sam_jax.optim.accumulation import microbatched
 from sse_sam_jax.optim.composition import bind_extra_args, check_composition
 from sse_sam_jax.optim.cross_device import mean_across
-from sse_sam_jax.optim.focal_sam import focal_sam, focal_weights
-from sse_sam_jax.optim.group_sam import group_coefficients, group_sam, imbsam
+from sse_sam_jax.optim.focal import focal_sam, focal_weights
+from sse_sam_jax.optim.group_methods import group_coefficients, group_sam, imbsam
 from sse_sam_jax.optim.grouping import (
     HEAD,
     TAIL,
@@ -12,7 +12,7 @@ from sse_sam_jax.optim.grouping import (
     tail_classes,
     validate_class_counts,
 )
-from sse_sam_jax.optim.sam import asam, sam
+from sse_sam_jax.optim.sam_and_asam import asam, sam
 from sse_sam_jax.optim.sharpness_aware import (
     ASAM_ETA,
     NORMALIZATIONS,

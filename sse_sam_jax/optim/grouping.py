@@ -16,7 +16,7 @@ HEAD = 0
 TAIL = 1
 
 
-def validate_class_counts(class_counts: Sequence[int]) -> np.ndarray:
+def validate_class_counts(class_counts: Sequence[int] | np.ndarray) -> np.ndarray:
   """Returns class counts as an int array; raises on empty, zero or negative."""
   counts = np.asarray(class_counts)
   if counts.ndim != 1 or counts.size == 0:
@@ -34,7 +34,7 @@ def validate_class_counts(class_counts: Sequence[int]) -> np.ndarray:
   return counts
 
 
-def tail_classes(class_counts: Sequence[int], eta: float) -> np.ndarray:
+def tail_classes(class_counts: Sequence[int] | np.ndarray, eta: float) -> np.ndarray:
   """Boolean mask over classes, True where the class is tail (``n_c < eta``).
 
   Args:

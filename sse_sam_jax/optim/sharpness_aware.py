@@ -1,8 +1,8 @@
 r"""What the sharpness-aware transformations share: their state, the conventions of
 their extra arguments, radius and mask checks, and :func:`perturb`. The transforms
-live one family per module: :mod:`~sse_sam_jax.optim.sam` (SAM, ASAM),
-:mod:`~sse_sam_jax.optim.group_sam` (group SAM, ImbSAM),
-:mod:`~sse_sam_jax.optim.focal_sam`, :mod:`~sse_sam_jax.optim.stage_switch` (SSE-SAM).
+live one family per module: :mod:`~sse_sam_jax.optim.sam_and_asam` (SAM, ASAM),
+:mod:`~sse_sam_jax.optim.group_methods` (group SAM, ImbSAM),
+:mod:`~sse_sam_jax.optim.focal` (Focal-SAM), :mod:`~sse_sam_jax.optim.stage_switch` (SSE-SAM).
 
 Every transformation is an :class:`optax.GradientTransformationExtraArgs`
 that **replaces** the incoming gradient by a sharpness-aware direction; put it
@@ -105,7 +105,7 @@ class SharpnessAwareState(NamedTuple):
     count: steps taken (the argument of radius schedules).
     notfinite_count: steps on which a loss at a perturbed point was NaN or Inf.
   """
-  count: jax.Array
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   notfinite_count: jax.Array
 
 
@@ -131,7 +131,7 @@ def _next_state(state, finite=None, sharpness=None, clean_norm=None):
   notfinite = state.notfinite_count
   if finite is not None:
     notfinite = notfinite + jnp.logical_not(finite).astype(notfinite.dtype)
-  count = optax.safe_increment(state.count)
+  count = jnp.asarray(optax.safe_increment(state.count))
   if isinstance(state, SharpnessReuseState):
     return SharpnessReuseState(count, notfinite,
                                state.sharpness if sharpness is None else sharpness,
@@ -324,7 +324,7 @@ _EXTRA_ARGS_DOC = """
 def _check_adaptive_eta(eta):
   if eta is None:
     return None
-  if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not np.isfinite(eta) \
+  if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not np.isfinite(float(eta)) \
       or eta < 0:
     raise ValueError(f'adaptive_eta must be a finite float >= 0 (ASAM) or None, got {eta!r}.')
   return float(eta)

@@ -57,6 +57,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import core as jax_core
 
 from sse_sam_jax.optim.tree_math import global_norm, tree_dot
 
@@ -93,15 +94,15 @@ SCALES = ('looksam', 'measured')
 def looksam(every: int = 5, alpha: float = 0.7) -> SharpnessSteps:
   """LookSAM's schedule (Liu et al., 2022): a sharpness step every ``every`` steps,
   the sharpness component reused with weight ``alpha`` in between."""
-  return validate(SharpnessSteps(every=every, fraction=1.0, alpha=alpha))
+  return _validated(SharpnessSteps(every=every, fraction=1.0, alpha=alpha))
 
 
 def random_fraction(fraction: float, *, alpha: float = 0.0, seed: int = 0,
                     scale: str = 'looksam') -> SharpnessSteps:
   """Sharpness steps on a random ``fraction`` of steps; plain gradient steps
   (``alpha = 0``) or reuse of the sharpness component (``alpha > 0``) on the others."""
-  return validate(SharpnessSteps(every=1, fraction=fraction, alpha=alpha, seed=seed,
-                                 scale=scale))
+  return _validated(SharpnessSteps(every=1, fraction=fraction, alpha=alpha, seed=seed,
+                                   scale=scale))
 
 
 def validate(steps: SharpnessSteps | None) -> SharpnessSteps | None:
@@ -124,6 +125,11 @@ def validate(steps: SharpnessSteps | None) -> SharpnessSteps | None:
   return SharpnessSteps(int(every), float(fraction), float(alpha), int(seed), scale)
 
 
+def _validated(steps: SharpnessSteps) -> SharpnessSteps:
+  validate(steps)
+  return steps
+
+
 def always_exact(steps: SharpnessSteps | None) -> bool:
   return steps is None or (steps.every == 1 and steps.fraction >= 1.0)
 
@@ -135,7 +141,7 @@ def _threshold(fraction: float) -> int:
 def is_sharpness_step(count: int, steps: SharpnessSteps | None) -> bool:
   """Host-side: whether the transform's step ``count`` is a sharpness step."""
   count = int(count)
-  if always_exact(steps):
+  if steps is None or always_exact(steps):
     return True
   if count % steps.every:
     return False
@@ -174,7 +180,7 @@ class SharpnessReuseState(NamedTuple):
     sharpness: :math:`g_v` of the last sharpness step, like ``params``.
     clean_norm: the norm of that step's clean gradient (``scale='measured'``).
   """
-  count: jax.Array
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   notfinite_count: jax.Array
   sharpness: Any
   clean_norm: jax.Array
@@ -230,7 +236,7 @@ def step(steps: SharpnessSteps | None, state, full_fn, clean_fn, *, sharpness_st
     return (reused_direction(clean, state.sharpness, steps.alpha, reference),
             jnp.asarray(True), state.sharpness, state.clean_norm)
 
-  if sharpness_step is None and not isinstance(state.count, jax.core.Tracer):
+  if sharpness_step is None and not isinstance(state.count, jax_core.Tracer):
     sharpness_step = is_sharpness_step(int(state.count), steps)  # called outside jit
   if sharpness_step is not None:
     return full() if sharpness_step else cheap()

@@ -32,16 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import core as jax_core
 
-from sse_sam_jax.optim import group_sam as group_sam_lib
-from sse_sam_jax.optim import sam as sam_lib
-from sse_sam_jax.optim import sharpness_aware, sharpness_reuse
+from sse_sam_jax.optim import group_methods, sam_and_asam, sharpness_aware, sharpness_reuse
 from sse_sam_jax.optim.sharpness_aware import Radius
 from sse_sam_jax.optim.sharpness_reuse import SharpnessSteps
 
 
 class StageSwitchState(NamedTuple):
-  count: jax.Array
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   stage_states: tuple
 
 
@@ -88,7 +87,7 @@ def stage_switch(transforms: Sequence[optax.GradientTransformation],
         return new_updates, stage_states[:i] + (new_state,) + stage_states[i + 1:]
       return branch
 
-    if stage is None and not isinstance(state.count, jax.core.Tracer):
+    if stage is None and not isinstance(state.count, jax_core.Tracer):
       stage = stage_at(int(state.count), boundaries)  # called outside jit: no lax.switch
     if stage is not None or len(transforms) == 1:
       stage = 0 if stage is None else stage
@@ -103,10 +102,11 @@ def stage_switch(transforms: Sequence[optax.GradientTransformation],
       new_updates, stage_states = jax.lax.switch(
           index, [make_branch(i) for i in range(len(transforms))],
           (updates, state.stage_states, params))
-    return new_updates, StageSwitchState(optax.safe_increment(state.count), stage_states)
+    count = jnp.asarray(optax.safe_increment(state.count))
+    return new_updates, StageSwitchState(count, stage_states)
 
-  update_fn.stage_boundaries = boundaries  # read by stage_boundaries()
-  update_fn.stage_transforms = transforms  # read by sharpness_step_at()
+  update_fn.stage_boundaries = boundaries  # pyright: ignore[reportFunctionMemberAccess]
+  update_fn.stage_transforms = transforms  # pyright: ignore[reportFunctionMemberAccess]
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -225,12 +225,15 @@ def sse_sam(head_rho: Radius, tail_rho: Radius, switch_step: int, *,
   """
   switch_step = _check_switch_step(switch_step)
   sharpness_aware.validate_radius(head_rho, 'head_rho')
-  class_groups = group_sam_lib._head_tail_class_groups(tail_classes)
-  kw = dict(normalization=normalization, group_weights=(1.0, tail_weight),
-            class_groups=class_groups, mask=mask, adaptive_eta=adaptive_eta,
-            sharpness_steps=sharpness_steps, name='sse_sam')
-  stage1 = group_sam_lib.group_sam((head_rho, tail_rho), **kw)
-  stage2 = group_sam_lib.group_sam((0.0, _shifted(tail_rho, switch_step)), **kw)
+  class_groups = group_methods._head_tail_class_groups(tail_classes)
+  def stage(rhos):
+    return group_methods.group_sam(
+        rhos, normalization=normalization, group_weights=(1.0, tail_weight),
+        class_groups=class_groups, mask=mask, adaptive_eta=adaptive_eta,
+        sharpness_steps=sharpness_steps, name='sse_sam')
+
+  stage1 = stage((head_rho, tail_rho))
+  stage2 = stage((0.0, _shifted(tail_rho, switch_step)))
   return stage_switch([stage1, stage2], [switch_step])
 
 
@@ -245,9 +248,9 @@ def sam_then_imbsam(rho: Radius, tail_rho: Radius, switch_step: int, *,
   """
   switch_step = _check_switch_step(switch_step)
   return stage_switch(
-      [sam_lib.sam(rho, mask=mask, adaptive_eta=adaptive_eta,
+      [sam_and_asam.sam(rho, mask=mask, adaptive_eta=adaptive_eta,
                            sharpness_steps=sharpness_steps),
-       group_sam_lib.imbsam(_shifted(tail_rho, switch_step), normalization=normalization,
+       group_methods.imbsam(_shifted(tail_rho, switch_step), normalization=normalization,
                               tail_weight=tail_weight, tail_classes=tail_classes, mask=mask,
                               adaptive_eta=adaptive_eta, sharpness_steps=sharpness_steps)],
       [switch_step])

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import pickle
@@ -41,6 +42,8 @@ import threading
 import uuid
 
 import jax
+
+logger = logging.getLogger(__name__)
 
 _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy')
 _PERSISTENT_CACHE_HIT = '/jax/compilation_cache/cache_hits'
@@ -155,8 +158,8 @@ class ExecutableCache:
       payload, in_tree, out_tree = pickle.loads(path.read_bytes())
       compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
     except Exception as e:  # pylint: disable=broad-except
-      print(f'executable cache: {path.name} could not be loaded ({type(e).__name__}: {e}); '
-            'compiling it again.', file=sys.stderr)
+      logger.warning('executable cache: %s could not be loaded (%s: %s); compiling it again.',
+                     path.name, type(e).__name__, e)
       path.unlink(missing_ok=True)
       return None
     self.loaded += 1

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 
 import jax
 import jax.numpy as jnp
 
-from sse_sam_jax.train import setup
+from sse_sam_jax.train import checkpointing, setup
 from sse_sam_jax.train import workdir as workdir_lib
 from sse_sam_jax.train.checkpointing import Checkpoints
 from sse_sam_jax.train.workdir import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def model_signature(state) -> str:
@@ -97,18 +99,18 @@ def _all_finite(tree):
 
 def _damaged(checkpoints, step: int, error: Exception) -> None:
   if jax.process_index() != 0:  # multi-host: the first host moves it, the others skip it
-    print(f'checkpoint step {step} is damaged; skipping it.', file=sys.stderr, flush=True)
+    logger.warning('checkpoint step %d is damaged; skipping it.', step)
     return
   target = checkpoints.set_aside(step)
   reason = ' '.join(f'{type(error).__name__}: {error}'.split())[:160]
-  print(f'checkpoint step {step} is damaged ({reason}); moved to {target}, trying an older '
-        'one.', file=sys.stderr, flush=True)
+  logger.warning('checkpoint step %d is damaged (%s); moved to %s, trying an older one.',
+                 step, reason, target)
 
 
 def checkpoint_steps(workdir) -> list[int]:
   """The steps of ``workdir``'s checkpoints; reads the folder only (creates nothing)."""
-  last = workdir_lib.as_path(workdir) / 'checkpoints' / 'last'
-  return [int(p.name) for p in last.iterdir() if p.name.isdigit()] if last.is_dir() else []
+  folder = checkpointing.step_directory(workdir)
+  return [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
 
 
 def has_checkpoint(workdir) -> bool:
@@ -134,11 +136,11 @@ def restore_model(c, workdir, which: str = 'last', step: int | None = None):
   config with the same model; another model (by the signature saved with the
   checkpoint) is a ``ValueError``."""
   if not has_checkpoint(workdir):  # before anything is built or written
-    raise UserError(f'no checkpoint in {workdir_lib.as_path(workdir) / "checkpoints" / "last"}; '
+    raise UserError(f'no checkpoint in {checkpointing.step_directory(workdir)}; '
                     f'train first: sse-sam-jax train --workdir {workdir}')
   run = setup.prepare(c)
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
-  if which == 'best' and checkpoints.best.latest_step() is None:
+  if which == 'best' and checkpoints.best_step() is None:
     which = 'last'
   if step is not None and (which != 'last' or step not in checkpoints.steps()):
     checkpoints.close()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 
 import jax
 import numpy as np
 
 from sse_sam_jax.train import workdir as workdir_lib
+
+logger = logging.getLogger(__name__)
 
 
 class MetricLog:
@@ -28,8 +30,7 @@ class MetricLog:
       try:
         self.tb = SummaryWriter(str(workdir / 'tensorboard'))
       except Exception as e:  # pylint: disable=broad-except
-        print(f'TensorBoard logs off: tensorboardX cannot write to {workdir}: {e}',
-              file=sys.stderr)
+        logger.warning('TensorBoard logs off: tensorboardX cannot write to %s: %s', workdir, e)
 
   def write(self, step: int, **scalars):
     if not self.primary:

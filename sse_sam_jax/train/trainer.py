@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import time
 
 import jax
@@ -26,7 +27,7 @@ import jax
 from sse_sam_jax import data as data_lib
 from sse_sam_jax.data import augment as augment_lib
 from sse_sam_jax.train import config as config_lib
-from sse_sam_jax.train import dispatch, resume, setup
+from sse_sam_jax.train import dispatch, logs, resume, setup
 from sse_sam_jax.train import evaluate as eval_lib
 from sse_sam_jax.train import workdir as workdir_lib
 from sse_sam_jax.train.checkpointing import Checkpoints
@@ -41,6 +42,8 @@ from sse_sam_jax.train.periodic import (
 )
 from sse_sam_jax.train.run_log import MetricLog, plot_per_class
 
+logger = logging.getLogger(__name__)
+
 
 def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = None,
           restart: bool = False) -> dict:
@@ -54,6 +57,7 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   final metrics (test, and val if held out); ``{'stopped_at': step, 'compile_s': ...}`` for a
   run stopped early or by SIGTERM (``'preempted': True``).
   """
+  logs.ensure_setup()
   config_lib.validate(c)
   workdir = workdir_lib.as_path(workdir)  # local, or any filesystem epath reaches (gs://)
   # Multi-host: the first host claims the (shared) workdir for all of them.
@@ -63,7 +67,7 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   try:
     finished = resume.finished_result(workdir)
     if finished is not None:
-      print(f'{workdir} finished at step {finished["total_steps"]}; its results:')
+      logger.info('%s finished at step %d; its results:', workdir, finished['total_steps'])
       return finished
     return _train(c, workdir, progress, stop_after_steps)
   finally:
@@ -88,7 +92,8 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
       executable_cache=executables,
       compiler_options=compiler_options(c.cpu_convolutions))
   layout = dict(run.scope.layout(c, n_dev), model_signature=resume.model_signature(run.state))
-  checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep)
+  checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep,
+                            track_best=c.eval.select_on != 'none')
   log, batch_iter = None, None
   try:
     state, start_step = run.state, 0
@@ -96,7 +101,7 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
     if restored is not None:
       state, data_state, _ = restored
       start_step = int(data_state['next_index'])
-      print(f'Resumed from step {start_step} (epoch {start_step // spe}).')
+      logger.info('Resumed from step %d (epoch %d).', start_step, start_step // spe)
     batch_iter = iter(data_lib.train_batches(
         run.data.train, run.spec, num_epochs=c.epochs, seed=c.seed,
         augment=augment_lib.pad_crop_flip if c.data.augment else None,  # lazy: RRC + flip
@@ -113,7 +118,7 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
     log = MetricLog(workdir)
     log.discard_after(start_step)
     later = train_step.built_in_background
-    print(f'{c.data.name}: {len(run.data.train)} train examples, class counts '
+    logger.info(f'{c.data.name}: {len(run.data.train)} train examples, class counts '
           f'{run.stats.counts.min()}..{run.stats.counts.max()}, {spe} steps/epoch; '
           f'{c.optimizer.name}, {n_dev} device(s); {len(needed) - later} program(s) built '
           f'in {first_compile_s:.1f}s{_loaded_note(executables)}'
@@ -156,8 +161,8 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
         bar.close()
         if sigterm:
           checkpointer(step, step // spe, False, state, batch_iter.get_state(), force=True)
-          print(f'SIGTERM: checkpoint saved at step {step} in {workdir}; rerun the same command '
-                'to resume.', flush=True)
+          logger.info('SIGTERM: checkpoint saved at step %d in %s; rerun the same command to '
+                      'resume.', step, workdir)
           return {'stopped_at': step, 'preempted': True,
                   'compile_s': first_compile_s + train_step.wait_s}
         if stop_after_steps is not None and step >= stop_after_steps:

@@ -19,10 +19,13 @@ from __future__ import annotations
 import datetime
 import fcntl
 import json
+import logging
 import os
 import shutil
 
 from etils import epath
+
+logger = logging.getLogger(__name__)
 
 
 class UserError(ValueError):
@@ -152,7 +155,7 @@ def claim(workdir, config_dict: dict, *, restart: bool = False,
     probe_lock = WorkdirLock(workdir)  # refuses while another run lives there
     probe_lock.release()
     moved = _set_aside(workdir)
-    print(f'--restart: the previous run of {workdir} was moved to {moved}.')
+    logger.info('--restart: the previous run of %s was moved to %s.', workdir, moved)
   _make_dir(workdir)
   lock = WorkdirLock(workdir)
   try:

@@ -105,11 +105,11 @@ def sam(rho: Radius, *, mask=None, adaptive_eta: float | None = None,
         static_required=perturbed_aux is not None, name='sam')
     return direction, _next_state(state, finite, sharpness, clean_norm)
 
-  update_fn.sharpness_steps = sharpness_steps  # read by sharpness_steps_of()
+  update_fn.sharpness_steps = sharpness_steps  # pyright: ignore[reportFunctionMemberAccess]
   return optax.GradientTransformationExtraArgs(_init_fn(sharpness_steps), update_fn)
 
 
-sam.__doc__ = sam.__doc__.replace('{extra}', _EXTRA_ARGS_DOC)
+sam.__doc__ = (sam.__doc__ or '').replace('{extra}', _EXTRA_ARGS_DOC)
 
 
 def asam(rho: Radius = 0.5, *, eta: float = ASAM_ETA, mask=None,

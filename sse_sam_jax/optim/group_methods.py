@@ -35,7 +35,8 @@ from sse_sam_jax.optim.sharpness_aware import (
 
 
 def group_coefficients(group_ids: jax.Array, num_groups: int, normalization: str,
-                       group_weights: jax.Array, dtype=jnp.float32) -> jax.Array:
+                       group_weights: jax.typing.ArrayLike | Sequence[float],
+                       dtype=jnp.float32) -> jax.Array:
   """Per-example weights ``[num_groups, B]`` such that ``L_k = coeffs[k] @ losses``.
 
   ``'batch'`` divides by the batch size, ``'group'`` by the group's size in the
@@ -52,7 +53,7 @@ def group_coefficients(group_ids: jax.Array, num_groups: int, normalization: str
 
 def group_sam(rhos: Sequence[Radius], *, normalization: str = 'batch',
               group_weights: Sequence[float] | None = None,
-              class_groups: Sequence[int] | None = None,
+              class_groups: Sequence[int] | np.ndarray | None = None,
               mask=None, adaptive_eta: float | None = None,
               sharpness_steps: SharpnessSteps | None = None, name: str = 'group_sam',
               ) -> optax.GradientTransformationExtraArgs:
@@ -152,11 +153,11 @@ def group_sam(rhos: Sequence[Radius], *, normalization: str = 'batch',
         static_required=perturbed_aux is not None, name=name)
     return direction, _next_state(state, finite, sharpness, clean_norm)
 
-  update_fn.sharpness_steps = sharpness_steps
+  update_fn.sharpness_steps = sharpness_steps  # pyright: ignore[reportFunctionMemberAccess]
   return optax.GradientTransformationExtraArgs(_init_fn(sharpness_steps), update_fn)
 
 
-group_sam.__doc__ = group_sam.__doc__.replace('{extra}', _EXTRA_ARGS_DOC)
+group_sam.__doc__ = (group_sam.__doc__ or '').replace('{extra}', _EXTRA_ARGS_DOC)
 
 
 def _check_weight(weight, index):

@@ -113,5 +113,5 @@ def focal_sam(rho: Radius, *, lam: float, gamma: float, class_counts, mask=None,
         static_required=perturbed_aux is not None, name='focal_sam')
     return direction, _next_state(state, finite, sharpness, clean_norm)
 
-  update_fn.sharpness_steps = sharpness_steps
+  update_fn.sharpness_steps = sharpness_steps  # pyright: ignore[reportFunctionMemberAccess]
   return optax.GradientTransformationExtraArgs(_init_fn(sharpness_steps), update_fn)
