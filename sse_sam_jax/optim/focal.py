@@ -9,20 +9,10 @@ import numpy as np
 import optax
 
 from sse_sam_jax.optim import composition, sharpness_reuse
+from sse_sam_jax.optim import sharpness_aware as core
 from sse_sam_jax.optim.sharpness_aware import (
   Radius,
   SharpnessSteps,
-  _cast_like,
-  _check_adaptive_eta,
-  _check_aux_sink,
-  _check_losses,
-  _init_fn,
-  _is_static_zero,
-  _loss_vjp,
-  _next_state,
-  _radius_at,
-  _require,
-  _vjp,
   perturb,
   resolve_mask,
   validate_radius,
@@ -74,44 +64,42 @@ def focal_sam(rho: Radius, *, lam: float, gamma: float, class_counts, mask=None,
   if not np.isfinite(lam) or lam < 0:
     raise ValueError(f'lam must be finite and >= 0, got {lam}.')
   weights = focal_weights(class_counts, gamma).astype(np.float32)
-  adaptive_eta = _check_adaptive_eta(adaptive_eta)
+  adaptive_eta = core._check_adaptive_eta(adaptive_eta)
   sharpness_steps = sharpness_reuse.validate(sharpness_steps)
 
   def update_fn(updates, state, params=None, *, loss_fn=None, loss_vjp=None, labels=None,
                 sharpness_step=None, perturbed_aux=None, **extra_args):
     del updates, extra_args
     composition.check_composition('focal_sam', params)
-    _require('focal_sam', params=params, loss_fn=loss_fn, labels=labels)
-    _check_aux_sink(perturbed_aux, 'focal_sam')
+    core._require('focal_sam', params=params, loss_fn=loss_fn, labels=labels)
+    core._check_aux_sink(perturbed_aux, 'focal_sam')
     labels = jnp.asarray(labels)
     if loss_vjp is None:
-      losses, vjp_fn = _loss_vjp(loss_fn, params, [] if perturbed_aux is not None else None)
+      losses, vjp_fn = core._loss_vjp(loss_fn, params, [] if perturbed_aux is not None else None)
     else:
       losses, vjp_fn = loss_vjp
-    _check_losses(losses, labels.shape[0])
+    core._check_losses(losses, labels.shape[0])
     n = labels.shape[0]
     plain = jnp.full((n,), 1.0 / n, losses.dtype)
     focal = (jnp.asarray(weights)[labels] / n).astype(losses.dtype)
 
     def clean_fn():
-      return _cast_like(vjp_fn(plain)[0], params)
+      return core._cast_like(vjp_fn(plain)[0], params)
 
     def full_fn():
       clean = clean_fn()
-      if _is_static_zero(rho) or lam == 0:
+      if core._is_static_zero(rho) or lam == 0:
         return clean, None, clean
       grad_focal = vjp_fn(focal)[0]
-      perturbed = perturb(params, grad_focal, _radius_at(rho, state.count),
+      perturbed = perturb(params, grad_focal, core._radius_at(rho, state.count),
                           resolve_mask(mask, params), adaptive_eta)
-      grad_at, finite = _vjp(loss_fn, perturbed, focal, perturbed_aux)
+      grad_at, finite = core._vjp(loss_fn, perturbed, focal, perturbed_aux)
       direction = jax.tree.map(lambda g, f, p: g + lam * (p.astype(g.dtype) - f.astype(g.dtype)),
                                clean, grad_focal, grad_at)
-      return _cast_like(direction, params), finite, clean
+      return core._cast_like(direction, params), finite, clean
 
-    direction, finite, sharpness, clean_norm = sharpness_reuse.step(
-        sharpness_steps, state, full_fn, clean_fn, sharpness_step=sharpness_step,
-        static_required=perturbed_aux is not None, name='focal_sam')
-    return direction, _next_state(state, finite, sharpness, clean_norm)
+    return core._finish_step(sharpness_steps, state, full_fn, clean_fn,
+                             sharpness_step=sharpness_step, perturbed_aux=perturbed_aux,
+                             name='focal_sam')
 
-  update_fn.sharpness_steps = sharpness_steps  # pyright: ignore[reportFunctionMemberAccess]
-  return optax.GradientTransformationExtraArgs(_init_fn(sharpness_steps), update_fn)
+  return core._transformation(update_fn, sharpness_steps)

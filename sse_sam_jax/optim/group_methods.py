@@ -11,22 +11,11 @@ import numpy as np
 import optax
 
 from sse_sam_jax.optim import composition, sharpness_reuse
+from sse_sam_jax.optim import sharpness_aware as core
 from sse_sam_jax.optim.sharpness_aware import (
-  _EXTRA_ARGS_DOC,
   NORMALIZATIONS,
   Radius,
   SharpnessSteps,
-  _cast_like,
-  _check_adaptive_eta,
-  _check_aux_sink,
-  _check_losses,
-  _init_fn,
-  _is_static_zero,
-  _loss_vjp,
-  _next_state,
-  _radius_at,
-  _require,
-  _vjp,
   concrete_value,
   perturb,
   resolve_mask,
@@ -105,7 +94,7 @@ def group_sam(rhos: Sequence[Radius], *, normalization: str = 'batch',
   if class_groups is not None:
     class_groups = _check_class_groups(class_groups, num_groups)
 
-  adaptive_eta = _check_adaptive_eta(adaptive_eta)
+  adaptive_eta = core._check_adaptive_eta(adaptive_eta)
   sharpness_steps = sharpness_reuse.validate(sharpness_steps)
 
   def update_fn(updates, state, params=None, *, loss_fn=None, loss_vjp=None,
@@ -115,16 +104,16 @@ def group_sam(rhos: Sequence[Radius], *, normalization: str = 'batch',
     composition.check_composition(name, params)
     if group_ids is None and labels is not None and class_groups is not None:
       group_ids = jnp.asarray(class_groups)[labels]
-    _require(name, params=params, loss_fn=loss_fn, group_ids=group_ids)
-    _check_aux_sink(perturbed_aux, name)
+    core._require(name, params=params, loss_fn=loss_fn, group_ids=group_ids)
+    core._check_aux_sink(perturbed_aux, name)
     group_ids = jnp.asarray(group_ids)
     if group_ids.ndim != 1:
       raise ValueError(f'group_ids must have shape [B], got {group_ids.shape}.')
     if loss_vjp is None:
-      losses, vjp_fn = _loss_vjp(loss_fn, params, [] if perturbed_aux is not None else None)
+      losses, vjp_fn = core._loss_vjp(loss_fn, params, [] if perturbed_aux is not None else None)
     else:
       losses, vjp_fn = loss_vjp
-    _check_losses(losses, group_ids.shape[0])
+    core._check_losses(losses, group_ids.shape[0])
     coeffs = group_coefficients(group_ids, num_groups, normalization, group_weights,
                                 jnp.result_type(jnp.float32, losses.dtype))
     coeffs = coeffs.astype(losses.dtype)
@@ -136,28 +125,26 @@ def group_sam(rhos: Sequence[Radius], *, normalization: str = 'batch',
         grad_k = vjp_fn(coeffs[k])[0]
         if sharpness_steps is not None:
           clean = grad_k if clean is None else jax.tree.map(jnp.add, clean, grad_k)
-        if not _is_static_zero(rho):
-          perturbed = perturb(params, grad_k, _radius_at(rho, state.count), full_mask,
+        if not core._is_static_zero(rho):
+          perturbed = perturb(params, grad_k, core._radius_at(rho, state.count), full_mask,
                               adaptive_eta)
-          grad_k, finite_k = _vjp(loss_fn, perturbed, coeffs[k], perturbed_aux)
+          grad_k, finite_k = core._vjp(loss_fn, perturbed, coeffs[k], perturbed_aux)
           finite = finite_k if finite is None else jnp.logical_and(finite, finite_k)
         direction = grad_k if direction is None else jax.tree.map(jnp.add, direction, grad_k)
-      clean = None if clean is None else _cast_like(clean, params)
-      return _cast_like(direction, params), finite, clean
+      clean = None if clean is None else core._cast_like(clean, params)
+      return core._cast_like(direction, params), finite, clean
 
     def clean_fn():  # the clean gradient of sum_k L_k: one backward pass
-      return _cast_like(vjp_fn(jnp.sum(coeffs, axis=0))[0], params)
+      return core._cast_like(vjp_fn(jnp.sum(coeffs, axis=0))[0], params)
 
-    direction, finite, sharpness, clean_norm = sharpness_reuse.step(
-        sharpness_steps, state, full_fn, clean_fn, sharpness_step=sharpness_step,
-        static_required=perturbed_aux is not None, name=name)
-    return direction, _next_state(state, finite, sharpness, clean_norm)
+    return core._finish_step(sharpness_steps, state, full_fn, clean_fn,
+                             sharpness_step=sharpness_step, perturbed_aux=perturbed_aux,
+                             name=name)
 
-  update_fn.sharpness_steps = sharpness_steps  # pyright: ignore[reportFunctionMemberAccess]
-  return optax.GradientTransformationExtraArgs(_init_fn(sharpness_steps), update_fn)
+  return core._transformation(update_fn, sharpness_steps)
 
 
-group_sam.__doc__ = (group_sam.__doc__ or '').replace('{extra}', _EXTRA_ARGS_DOC)
+group_sam.__doc__ = (group_sam.__doc__ or '').replace('{extra}', core._EXTRA_ARGS_DOC)
 
 
 def _check_weight(weight, index):

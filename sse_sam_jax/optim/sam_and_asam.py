@@ -7,21 +7,11 @@ import jax.numpy as jnp
 import optax
 
 from sse_sam_jax.optim import composition, sharpness_reuse
+from sse_sam_jax.optim import sharpness_aware as core
 from sse_sam_jax.optim.sharpness_aware import (
-  _EXTRA_ARGS_DOC,
   ASAM_ETA,
   Radius,
   SharpnessSteps,
-  _cast_like,
-  _check_adaptive_eta,
-  _check_aux_sink,
-  _check_losses,
-  _init_fn,
-  _is_static_zero,
-  _loss_vjp,
-  _next_state,
-  _radius_at,
-  _require,
   perturb,
   resolve_mask,
   validate_radius,
@@ -70,46 +60,44 @@ def sam(rho: Radius, *, mask=None, adaptive_eta: float | None = None,
     >>> w = optax.apply_updates(w, updates)
   """
   rho = validate_radius(rho)
-  adaptive_eta = _check_adaptive_eta(adaptive_eta)
+  adaptive_eta = core._check_adaptive_eta(adaptive_eta)
   sharpness_steps = sharpness_reuse.validate(sharpness_steps)
 
   def update_fn(updates, state, params=None, *, loss_fn=None, loss_vjp=None,
                 sharpness_step=None, perturbed_aux=None, **extra_args):
     del extra_args
     composition.check_composition('sam', params)
-    if _is_static_zero(rho):
-      return updates, _next_state(state)
-    _require('sam', params=params, loss_fn=loss_fn)
-    _check_aux_sink(perturbed_aux, 'sam')
+    if core._is_static_zero(rho):
+      return updates, core._next_state(state)
+    core._require('sam', params=params, loss_fn=loss_fn)
+    core._check_aux_sink(perturbed_aux, 'sam')
 
     def clean_fn():
       if loss_vjp is None:
-        return _cast_like(updates, params)
+        return core._cast_like(updates, params)
       losses, vjp_fn = loss_vjp
-      _check_losses(losses)
+      core._check_losses(losses)
       n = losses.shape[0]
-      return _cast_like(vjp_fn(jnp.full((n,), 1.0 / n, losses.dtype))[0], params)
+      return core._cast_like(vjp_fn(jnp.full((n,), 1.0 / n, losses.dtype))[0], params)
 
     def full_fn():
       clean = clean_fn()
-      perturbed = perturb(params, clean, _radius_at(rho, state.count),
+      perturbed = perturb(params, clean, core._radius_at(rho, state.count),
                           resolve_mask(mask, params), adaptive_eta)
-      losses_p, vjp_p = _loss_vjp(loss_fn, perturbed, perturbed_aux)
-      _check_losses(losses_p)
+      losses_p, vjp_p = core._loss_vjp(loss_fn, perturbed, perturbed_aux)
+      core._check_losses(losses_p)
       n = losses_p.shape[0]
       direction = vjp_p(jnp.full((n,), 1.0 / n, losses_p.dtype))[0]
-      return _cast_like(direction, params), jnp.all(jnp.isfinite(losses_p)), clean
+      return core._cast_like(direction, params), jnp.all(jnp.isfinite(losses_p)), clean
 
-    direction, finite, sharpness, clean_norm = sharpness_reuse.step(
-        sharpness_steps, state, full_fn, clean_fn, sharpness_step=sharpness_step,
-        static_required=perturbed_aux is not None, name='sam')
-    return direction, _next_state(state, finite, sharpness, clean_norm)
+    return core._finish_step(sharpness_steps, state, full_fn, clean_fn,
+                             sharpness_step=sharpness_step, perturbed_aux=perturbed_aux,
+                             name='sam')
 
-  update_fn.sharpness_steps = sharpness_steps  # pyright: ignore[reportFunctionMemberAccess]
-  return optax.GradientTransformationExtraArgs(_init_fn(sharpness_steps), update_fn)
+  return core._transformation(update_fn, sharpness_steps)
 
 
-sam.__doc__ = (sam.__doc__ or '').replace('{extra}', _EXTRA_ARGS_DOC)
+sam.__doc__ = (sam.__doc__ or '').replace('{extra}', core._EXTRA_ARGS_DOC)
 
 
 def asam(rho: Radius = 0.5, *, eta: float = ASAM_ETA, mask=None,

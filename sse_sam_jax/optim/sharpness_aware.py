@@ -89,6 +89,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sse_sam_jax.optim import sharpness_reuse
 from sse_sam_jax.optim.sharpness_reuse import SharpnessReuseState, SharpnessSteps
 from sse_sam_jax.optim.tree_math import global_norm
 
@@ -137,6 +138,22 @@ def _next_state(state, finite=None, sharpness=None, clean_norm=None):
                                state.sharpness if sharpness is None else sharpness,
                                state.clean_norm if clean_norm is None else clean_norm)
   return SharpnessAwareState(count, notfinite)
+
+
+def _finish_step(sharpness_steps, state, full_fn, clean_fn, *, sharpness_step, perturbed_aux,
+                 name: str):
+  """The step's direction (exact, or reusing the stored sharpness: see
+  :func:`sse_sam_jax.optim.sharpness_reuse.step`) and the next state."""
+  direction, finite, sharpness, clean_norm = sharpness_reuse.step(
+      sharpness_steps, state, full_fn, clean_fn, sharpness_step=sharpness_step,
+      static_required=perturbed_aux is not None, name=name)
+  return direction, _next_state(state, finite, sharpness, clean_norm)
+
+
+def _transformation(update_fn, sharpness_steps) -> optax.GradientTransformationExtraArgs:
+  """The transform of ``update_fn``; :func:`sharpness_steps_of` reads its schedule back."""
+  update_fn.sharpness_steps = sharpness_steps  # pyright: ignore[reportFunctionMemberAccess]
+  return optax.GradientTransformationExtraArgs(_init_fn(sharpness_steps), update_fn)
 
 
 _TRACER_ERRORS = (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
