@@ -194,6 +194,12 @@ def main(argv=None):
   logs.setup(args.verbosity, all_hosts=args.log_all_hosts)
   try:
     return _run(args)
+  except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop: stop at once
+    if args.debug:
+      raise
+    print('sse-sam-jax: interrupted; nothing was saved since the last checkpoint.',
+          file=sys.stderr)
+    return 128 + 2
   except USER_ERRORS as e:
     if args.debug:
       raise
@@ -218,6 +224,8 @@ def _run(args):
     result = trainer.train(c, args.workdir, progress=not args.no_progress, restart=args.restart)
     if result.get('preempted'):
       return 128 + 15  # stopped by SIGTERM, checkpoint saved: the rerun resumes
+    if result.get('interrupted'):
+      return 128 + 2  # stopped by Ctrl-C, checkpoint saved: the rerun resumes
   elif args.command == 'eval':
     result = commands.evaluate_checkpoint(c, args.workdir)
   else:

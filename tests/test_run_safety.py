@@ -246,17 +246,36 @@ def test_eval_and_hessian_without_checkpoints_fail_first_and_write_nothing(
   assert not (tmp_path / 'missing').exists()
 
 
-def test_nan_stop_without_a_checkpoint_says_so(npz, tmp_path):
+def test_nan_stop_without_a_checkpoint_says_so_and_does_not_hold_the_workdir(
+    npz, tmp_path, uninterrupted, capsys):
+  """A run that never reached its first checkpoint does not hold the workdir: the rerun
+  with a lower learning rate starts fresh there (one line says so, the failed start is
+  moved aside), and trains as if the failed start had never been."""
+  work = tmp_path / 'run'
   c = tiny(npz, **{'optimizer.lr': 1e30, 'optimizer.schedule': 'constant'})
   with pytest.raises(periodic.NonFiniteLossError, match='no checkpoint was written yet'):
-    trainer.train(c, tmp_path, progress=False)
+    trainer.train(c, work, progress=False)
+  assert (work / 'config.json').exists() and not resume.has_checkpoint(work)
+  capsys.readouterr()
+  fixed = trainer.train(tiny(npz), work, progress=False)
+  moved = [l for l in capsys.readouterr().out.splitlines() if 'never reached a checkpoint' in l]
+  assert len(moved) == 1 and 'optimizer.lr' in moved[0], moved
+  assert [p.name.startswith('run.old-') for p in tmp_path.iterdir() if p.name != 'run'] == [True]
+  chex.assert_trees_all_equal(jax.device_get(fixed['state']), uninterrupted)
+  # a run that did reach a checkpoint still holds its workdir
+  with pytest.raises(workdir_lib.UserError, match='holds another experiment'):
+    trainer.train(tiny(npz, **{'optimizer.lr': 0.01}), work, progress=False)
 
 
 # ------------------------------------------------------------------ preemption
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(npz, tmp_path):
-  """A real SIGTERM mid-epoch (a preempted VM): the run checkpoints the current step and
-  exits 143; rerunning the same command ends with the uninterrupted run's results."""
+@pytest.mark.parametrize('sig,code,name', [(signal.SIGTERM, 143, 'SIGTERM'),
+                                           (signal.SIGINT, 130, 'Ctrl-C')])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_the_rerun_resumes_exactly(
+    npz, tmp_path, sig, code, name):
+  """A real SIGTERM (a preempted VM) or Ctrl-C mid-epoch: the run checkpoints the current
+  step and exits 143 / 130 with one line and no traceback; rerunning the same command
+  ends with the uninterrupted run's results."""
   args = [*npz_args(npz), 'epochs=6', 'log_every_steps=1', 'checkpoint.every_epochs=3',
           f'compilation_cache_dir={tmp_path / "xla_cache"}']  # the 3 runs compile once
   cmd = [sys.executable, '-m', 'sse_sam_jax.cli', 'train', '--no-progress']
@@ -273,11 +292,13 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(npz, tmp_path)
     if len(lines) >= 3:
       break
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 143, (out[-1000:], err[-2000:])
-  assert 'SIGTERM: checkpoint saved at step' in out
-  saved = int(out.split('SIGTERM: checkpoint saved at step ')[1].split()[0])
+  assert proc.returncode == code, (out[-1000:], err[-2000:])
+  assert f'{name}: checkpoint saved at step' in out and 'Traceback' not in err, err[-2000:]
+  saved = int(out.split(f'{name}: checkpoint saved at step ')[1].split()[0])
+  logged = [json.loads(l)['step'] for l in metrics.read_text().splitlines()]
+  assert saved >= max(logged)  # the step it stopped at, not an earlier epoch's end
   assert (checkpointing.step_directory(work) / str(saved)).exists()
   again = subprocess.run([*cmd, '--workdir', str(work), *args], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)

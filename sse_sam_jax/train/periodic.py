@@ -175,10 +175,10 @@ class Checkpointer:
 def sigterm_flag():
   """Yields a list that becomes non-empty when SIGTERM arrives (main thread only).
 
-  Ctrl-C (SIGINT) is taken the same way: the loop raises ``KeyboardInterrupt`` at
-  the next step boundary, so the interrupt never lands inside a library's
-  ``__del__`` (where Python ignores it and the run would go on); a second Ctrl-C
-  raises at once."""
+  Ctrl-C (SIGINT) is taken the same way: the loop saves a checkpoint at the next step
+  boundary and stops (the interrupt never lands inside a library's ``__del__``, where
+  Python ignores it and the run would go on); a second Ctrl-C raises
+  ``KeyboardInterrupt`` at once."""
   received, interrupted = [], []
   if threading.current_thread() is not threading.main_thread():
     yield received, interrupted

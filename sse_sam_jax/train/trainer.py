@@ -62,7 +62,8 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   workdir = workdir_lib.as_path(workdir)  # local, or any filesystem epath reaches (gs://)
   # Multi-host: the first host claims the (shared) workdir for all of them.
   lock = workdir_lib.claim(workdir, c.to_dict(), restart=restart,
-                                defaults=config_lib.default_config().to_dict()) \
+                           defaults=config_lib.default_config().to_dict(),
+                           started=lambda: resume.has_checkpoint(workdir)) \
       if jax.process_index() == 0 else None
   try:
     finished = resume.finished_result(workdir)
@@ -151,19 +152,18 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
           step += n
           bar.update(n)
           report(step, epoch, step == epoch_end, bar)
-          if interrupted:
-            raise KeyboardInterrupt(f'Ctrl-C at step {step}; rerun the same command to resume '
-                                    'from the last checkpoint.')
-          if sigterm or (stop_after_steps is not None and step >= stop_after_steps):
+          if sigterm or interrupted or (stop_after_steps is not None
+                                        and step >= stop_after_steps):
             break
         if step < epoch_end:  # stopped inside the epoch: its open intervals are read too
           report(step, epoch, True, bar)
         bar.close()
-        if sigterm:
+        if sigterm or interrupted:  # a preempted VM, or Ctrl-C: save the step, then stop
           checkpointer(step, step // spe, False, state, batch_iter.get_state(), force=True)
-          logger.info('SIGTERM: checkpoint saved at step %d in %s; rerun the same command to '
-                      'resume.', step, workdir)
-          return {'stopped_at': step, 'preempted': True,
+          checkpoints.wait()
+          logger.info('%s: checkpoint saved at step %d in %s; rerun the same command to '
+                      'resume.', 'SIGTERM' if sigterm else 'Ctrl-C', step, workdir)
+          return {'stopped_at': step, 'preempted': bool(sigterm), 'interrupted': not sigterm,
                   'compile_s': first_compile_s + train_step.wait_s}
         if stop_after_steps is not None and step >= stop_after_steps:
           t0 = time.perf_counter()

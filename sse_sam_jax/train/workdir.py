@@ -144,9 +144,12 @@ def move(source: epath.Path, target: epath.Path) -> None:
 
 
 def claim(workdir, config_dict: dict, *, restart: bool = False,
-          defaults: dict | None = None) -> WorkdirLock:
+          defaults: dict | None = None, started=lambda: True) -> WorkdirLock:
   """Takes ``workdir`` for a run of ``config_dict``; returns the held lock (see module doc).
-  ``defaults``: the current default config (see :func:`config_changes`)."""
+  ``defaults``: the current default config (see :func:`config_changes`). ``started()``:
+  whether the run in ``workdir`` reached a checkpoint; one that did not (a data error, a
+  NaN stop, a missing dataset before the first save) does not hold the workdir: another
+  config starts fresh there, the failed start's files moved aside, with one line."""
   workdir = as_path(workdir)
   as_json = lambda d: json.loads(json.dumps(d))  # tuples as lists, as they are saved
   config_dict, defaults = as_json(config_dict), as_json(defaults or {})
@@ -166,7 +169,14 @@ def claim(workdir, config_dict: dict, *, restart: bool = False,
         saved = None
       if saved is not None:
         changes = config_changes(saved, config_dict, defaults)
-        if changes:
+        if changes and not started():
+          lock.release()
+          moved = _set_aside(workdir)
+          logger.info('%s held a run that never reached a checkpoint (%s); it was moved to %s '
+                      'and this one starts fresh.', workdir, '; '.join(changes), moved)
+          _make_dir(workdir)
+          lock = WorkdirLock(workdir)
+        elif changes:
           raise UserError(
               f'{workdir} holds another experiment; these keys differ from its '
               f'{CONFIG_FILE}: {"; ".join(changes)}. Use a new --workdir, or --restart to '
