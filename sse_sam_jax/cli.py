@@ -12,6 +12,7 @@ import argparse
 import ast
 import difflib
 import importlib.util
+import json
 import pathlib
 import sys
 
@@ -75,9 +76,10 @@ def _typed(key, old, value, raw):
   return value
 
 
-def load_config(path: str | None, overrides: list[str]):
-  """The config of ``path`` (a Python file with ``get_config()``) or the default, with
-  dotted ``key=value`` overrides applied; a mistake is a one-line ``ValueError``."""
+def load_config(path: str | None, overrides: list[str], base=None):
+  """The config of ``path`` (a Python file with ``get_config()``), else ``base``, else the
+  default, with dotted ``key=value`` overrides applied; a mistake is a one-line
+  ``ValueError``."""
   if path:
     file = pathlib.Path(path)
     if not file.suffix and not file.exists():  # a shipped config, by name
@@ -98,7 +100,7 @@ def load_config(path: str | None, overrides: list[str]):
       raise _ConfigError(f'config file {path} has no get_config() function.')
     c = module.get_config()
   else:
-    c = config_lib.default_config()
+    c = config_lib.default_config() if base is None else base
   for item in overrides:
     key, sep, raw = item.partition('=')
     if not sep:
@@ -210,8 +212,24 @@ def main(argv=None):
     return 2
 
 
+def _saved_config(args):
+  """``eval`` and ``hessian`` without ``--config``: the config the workdir trained with
+  (its ``config.json``), so that the training overrides need not be repeated."""
+  if args.command not in ('eval', 'hessian') or args.config is not None:
+    return None
+  from sse_sam_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  saved = workdir_lib.as_path(args.workdir) / workdir_lib.CONFIG_FILE
+  if not saved.is_file():
+    return None
+  try:
+    return config_lib.from_saved(json.loads(saved.read_text()))
+  except json.JSONDecodeError as e:
+    raise _ConfigError(f'{saved} is not valid JSON ({e}); pass --config and the overrides '
+                       'the run trained with.') from None
+
+
 def _run(args):
-  c = load_config(args.config, args.overrides)
+  c = load_config(args.config, args.overrides, base=_saved_config(args))
   config_lib.validate(c)
   if args.command == 'config':
     print(describe_config(c))

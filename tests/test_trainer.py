@@ -188,7 +188,7 @@ def test_cli_main_command_smoke(npz, tmp_path):
       [sys.executable, '-m', 'sse_sam_jax.cli', 'train', '--workdir', str(tmp_path),
        '--no-progress', 'data.name=npz', f'data.npz_path={npz}', 'data.shots=default',
        'model.name=mlp', 'optimizer.eta=50', 'epochs=2', 'data.batch_size=32',
-       'data.imbalance_factor=10'],
+       'data.imbalance_factor=10', 'optimizer.name=imbsam'],
       capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-2000:]
   assert '| Many | Medium | Few | All |' in out.stdout.replace('| run ', '')
@@ -200,6 +200,17 @@ def test_cli_main_command_smoke(npz, tmp_path):
       capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert evaluated.returncode == 0, evaluated.stderr[-2000:]
   assert f'{100 * trained:.2f} |' in evaluated.stdout  # the last checkpoint is the final model
+  # without the training overrides: eval reads the workdir's config.json, and its row is
+  # labelled with the optimizer that trained (imbsam), overrides still applying on top
+  bare = subprocess.run(
+      [sys.executable, '-m', 'sse_sam_jax.cli', 'eval', '--workdir', str(tmp_path),
+       'eval.flip_tta=True'], capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert bare.returncode == 0, bare.stderr[-2000:]
+  assert '| imbsam (last) |' in bare.stdout, bare.stdout
+  plain = subprocess.run(
+      [sys.executable, '-m', 'sse_sam_jax.cli', 'eval', '--workdir', str(tmp_path)],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert f'{100 * trained:.2f} |' in plain.stdout, plain.stdout
   bad = subprocess.run([sys.executable, '-m', 'sse_sam_jax.cli', 'train', 'optimizer.gamma=2'],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
   assert bad.returncode != 0 and 'gamma must lie in [0, 1]' in bad.stderr

@@ -116,6 +116,23 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """The config a workdir's ``config.json`` was saved from: the defaults with its values
+  (lists back to tuples where the default is a tuple; keys it lacks keep the defaults)."""
+  c = default_config()
+
+  def update(node, values, prefix=''):
+    for key, value in values.items():
+      if key not in node:
+        continue  # a key this version no longer has
+      if hasattr(node[key], 'items') and isinstance(value, dict):
+        update(node[key], value, f'{prefix}{key}.')
+      else:
+        node[key] = tuple(value) if isinstance(node[key], tuple) else value
+
+  update(c, saved)
+  return c
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ``ValueError`` with a clear message on a bad value; called before any compile."""
   def check(ok, msg):
