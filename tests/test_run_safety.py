@@ -197,6 +197,16 @@ def _bad_npz(path, kind):
     np.savez(path, x=x, y=np.where(y == 2, 3, y))
   elif kind == 'not_npz':
     path.write_text('hello')
+  elif kind == 'huge_label':  # max + 1 classes would allocate gigabytes: refused first
+    y = y.copy()
+    y[5] = 10 ** 9
+    np.savez(path, x=x, y=y)
+  elif kind == 'many_missing_classes':  # a long list of classes is shortened
+    np.savez(path, x=x, y=np.where(y == 3, 40, y))
+  elif kind == 'empty_arrays':
+    np.savez(path, x=x[:0], y=y[:0])
+  elif kind == 'one_class':
+    np.savez(path, x=x, y=np.zeros_like(y))
   return path
 
 
@@ -207,13 +217,39 @@ def _bad_npz(path, kind):
     ('nan_inputs', 'NaN or Inf inputs'),
     ('empty_class', 'have no training example'),
     ('not_npz', 'not a readable .npz'),
+    ('huge_label', 'labels go up to 1000000000 but only 5 distinct values occur'),
+    ('many_missing_classes', 'more] (37 of 41) have no training example'),
+    ('empty_arrays', 'the file has no examples'),
+    ('one_class', 'a classifier needs at least 2 classes'),
 ])
 def test_data_mistakes_are_one_line(tmp_path, capsys, kind, needle):
   path = _bad_npz(tmp_path / 'bad.npz', kind)
   args = [a for a in npz_args(path) if not a.startswith('data.imbalance_factor')]
+  if kind == 'many_missing_classes':
+    args.append('data.num_classes=41')
   code, _, err = run_cli(['train', '--workdir', str(tmp_path / 'w'), *args,
                           'data.imbalance_factor=1'], capsys)
   assert_one_line_error(code, err, needle)
+  assert len(err) < 600, err  # lists in messages are shortened
+
+
+def test_a_huge_label_with_num_classes_set_is_taken_as_meant(tmp_path):
+  from sse_sam_jax.data import sources
+  path = _bad_npz(tmp_path / 'few.npz', 'many_missing_classes')  # labels 0, 1, 2, 40
+  data = sources.npz_long_tail(path, num_classes=41, test_fraction=0.5)
+  assert data.train.num_classes == 41
+  with pytest.raises(ValueError, match='out of range for data.num_classes=10'):
+    sources.npz_long_tail(path, num_classes=10)
+
+
+def test_subsampling_long_tailed_data_again_says_how_to_keep_them(tmp_path, capsys):
+  x = np.random.default_rng(0).normal(size=(300, 6)).astype(np.float32)
+  y = np.repeat(np.arange(4), [200, 60, 30, 10])  # long-tailed already
+  np.savez(tmp_path / 'lt.npz', x=x, y=y)
+  args = [a for a in npz_args(tmp_path / 'lt.npz') if not a.startswith('data.imbalance_factor')]
+  code, _, err = run_cli(['train', '--workdir', str(tmp_path / 'w'), *args,
+                          'data.imbalance_factor=100'], capsys)
+  assert_one_line_error(code, err, 'data.imbalance_factor=1 keeps them')
 
 
 def test_missing_dataset_is_one_line_with_a_command_that_works_here(tmp_path, capsys):

@@ -69,10 +69,17 @@ def make_long_tailed(train: Split, imbalance_factor: float, *, profile: str = 'e
   available = np.bincount(train.label, minlength=train.num_classes)
   empty = np.flatnonzero(available == 0)
   if empty.size:
-    raise ValueError(f'{train.name}: classes {empty.tolist()} have no example.')
+    raise ValueError(f'{train.name}: classes {short_list(empty.tolist())} have no example '
+                     f'({empty.size} of {train.num_classes}).')
   n_max = int(available.min() if n_max is None else n_max)
   counts = profiles.long_tail_counts(n_max, train.num_classes, imbalance_factor, profile)
-  idx = profiles.select_long_tail(train.label, counts, selection=selection, seed=seed)
+  try:
+    idx = profiles.select_long_tail(train.label, counts, selection=selection, seed=seed)
+  except ValueError as e:
+    raise ValueError(f'{train.name}: {e} The data are subsampled to imbalance factor '
+                     f'{imbalance_factor:g} from the smallest class ({n_max} examples); for '
+                     'data that are long-tailed already, data.imbalance_factor=1 keeps them '
+                     'as they are.') from None
   return train.subset(idx, f'{train.name}-LT{imbalance_factor:g}')
 
 
@@ -108,6 +115,8 @@ def _read_npz(path: pathlib.Path, x_key: str, label_key: str):
   except Exception as e:  # pylint: disable=broad-except  (not an npz: many error types)
     raise ValueError(f'{path} is not a readable .npz file ({type(e).__name__}: {e}).') from None
   missing = [k for k in (x_key, label_key) if k not in keys]
+  if not missing and data[label_key].size == 0:
+    raise ValueError(f'{path}: {label_key!r} is empty; the file has no examples.')
   if missing:
     raise ValueError(f'{path} has arrays {keys}, not {missing}; it needs inputs {x_key!r} and '
                      f'labels {label_key!r}.')
@@ -129,13 +138,40 @@ def _read_npz(path: pathlib.Path, x_key: str, label_key: str):
   return x, labels
 
 
+def short_list(values, most: int = 10) -> str:
+  """``[a, b, ...]`` with at most ``most`` items shown and the count of the rest."""
+  values = list(values)
+  shown = ', '.join(str(v) for v in values[:most])
+  return f'[{shown}]' if len(values) <= most else f'[{shown}, ... {len(values) - most} more]'
+
+
+def _num_classes(path, labels: np.ndarray, num_classes: int | None) -> int:
+  """The class count: ``num_classes``, or ``max(label) + 1`` when that is plausible.
+  Checked before anything is sized by it (a stray label of 10^9 must not allocate)."""
+  distinct = np.unique(labels)
+  if distinct.size < 2:
+    raise ValueError(f'{path}: {distinct.size} distinct label(s) '
+                     f'{short_list(distinct.tolist())}; a classifier needs at least 2 classes.')
+  top = int(distinct[-1]) + 1
+  if num_classes:
+    if top > num_classes:
+      raise ValueError(f'{path}: label {top - 1} is out of range for data.num_classes='
+                       f'{num_classes} (labels must be 0..{num_classes - 1}).')
+    return int(num_classes)
+  if top > 2 * distinct.size + 16:
+    raise ValueError(f'{path}: labels go up to {top - 1} but only {distinct.size} distinct '
+                     f'values occur ({short_list(distinct.tolist())}); labels must be 0..C-1: '
+                     'remap them, or set data.num_classes=C if there really are C classes.')
+  return top
+
+
 def npz_long_tail(path, imbalance_factor: float | None = None, *, num_classes=None,
                   x_key='x', label_key='y', test_path=None, test_fraction=0.2, seed=0,
                   val_fraction=0.0, profile='exp', selection='shuffle') -> LongTailData:
   """An ``.npz`` with inputs and labels; optional LT subsampling (``imbalance_factor``)."""
   path = pathlib.Path(path)
   x, labels = _read_npz(path, x_key, label_key)
-  num_classes = num_classes or int(labels.max()) + 1
+  num_classes = _num_classes(path, labels, num_classes)
   full = Split(x, labels, num_classes, path.stem)
   if test_path is not None:
     tx, ty = _read_npz(pathlib.Path(test_path), x_key, label_key)

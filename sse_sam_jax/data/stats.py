@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 
+from sse_sam_jax.data.sources import short_list
 from sse_sam_jax.optim.grouping import tail_classes, validate_class_counts
 
 # (many_above, few_below): Many > many_above, Few < few_below, Medium in between.
@@ -28,7 +29,8 @@ class ClassStats:
     counts = np.bincount(labels, minlength=num_classes)
     empty = np.flatnonzero(counts == 0)
     if empty.size:
-      raise ValueError(f'classes {empty.tolist()} have no training example.')
+      raise ValueError(f'classes {short_list(empty.tolist())} ({empty.size} of {len(counts)}) '
+                       'have no training example.')
     return cls(counts=counts, **kw)
 
   def __post_init__(self):

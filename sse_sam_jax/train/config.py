@@ -36,6 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
       # mnist1d only: a balanced validation split of this many freshly generated examples
       # (another generator seed), instead of a share of the long-tailed train set.
       val_generated=0, data_dir='', npz_path='',
+      # 'npz': the number of classes (0: max(label) + 1, refused when far above the
+      # number of distinct labels, which is a labelling mistake more often than not)
+      num_classes=0,
       train_list='', test_list='', image_size=224,
       batch_size=128, drop_remainder=False, num_workers=0, augment=False, shots='mnist1d',
       # the epoch's last, partial, batch padded to a full one in the full batch's program
@@ -184,6 +187,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         'steps_per_dispatch=1 (the kind of every step is then chosen on the host).')
   check(int(c.epochs) == c.epochs and c.epochs >= 1, 'epochs must be an integer >= 1.')
   check(c.data.batch_size >= 1, f'data.batch_size must be >= 1, got {c.data.batch_size}.')
+  check(int(c.data.num_classes) >= 0, f'data.num_classes must be >= 0, got {c.data.num_classes}.')
   check(int(c.data.prefetch_batches) == c.data.prefetch_batches and c.data.prefetch_batches >= 0,
         f'data.prefetch_batches must be an integer >= 0, got {c.data.prefetch_batches}.')
   check(c.data.imbalance_factor >= 1,

@@ -22,6 +22,8 @@ MEANINGS = {
     'data.val_generated': 'MNIST-1D: a balanced validation split of this many freshly '
                           'generated examples (another generator seed); 0: none.',
     'data.data_dir': "TFDS data directory ('': TFDS's default).",
+    'data.num_classes': "'npz': the number of classes; 0: max(label) + 1 (refused when far "
+                        'above the number of distinct labels).',
     'data.npz_path': "'npz': the file with arrays x [N, ...] and y [N] (optional x_test, y_test).",
     'data.train_list': 'ImageNet-LT: the ImageNet_LT_train.txt list (file names matched).',
     'data.test_list': 'ImageNet-LT: the ImageNet_LT_test.txt list.',

@@ -55,7 +55,7 @@ def build_data(c) -> data_lib.LongTailData:
                                     val_fraction=d.val_fraction)
   if d.name == 'npz':
     factor = d.imbalance_factor if d.imbalance_factor > 1 else None
-    return data_lib.npz_long_tail(d.npz_path, factor,
+    return data_lib.npz_long_tail(d.npz_path, factor, num_classes=d.num_classes or None,
                                   val_fraction=d.val_fraction, profile=d.profile,
                                   selection=d.selection)
   raise ValueError(f'unknown dataset {d.name!r}')
