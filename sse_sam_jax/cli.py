@@ -95,7 +95,12 @@ def load_config(path: str | None, overrides: list[str], base=None):
       raise _ConfigError(f'config file {path} is not a Python file (.py) with get_config().')
     spec = importlib.util.spec_from_file_location(f'user_config_{file.stem}', file)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+      spec.loader.exec_module(module)
+    except Exception as e:  # pylint: disable=broad-except  (the user's file: any error)
+      where = f' (line {e.lineno})' if isinstance(e, SyntaxError) else ''
+      raise _ConfigError(f'config file {path} could not be loaded{where}: '
+                         f'{type(e).__name__}: {e}') from None
     if not hasattr(module, 'get_config'):
       raise _ConfigError(f'config file {path} has no get_config() function.')
     c = module.get_config()
@@ -167,10 +172,12 @@ def main(argv=None):
       prog='sse-sam-jax', description=__doc__.splitlines()[0],
       epilog='Overrides: key=value or --config.key=value; `sse-sam-jax config [--config X]` '
              'lists every key with its value.')
-  parser.add_argument('command', choices=('train', 'eval', 'hessian', 'config'))
+  parser.add_argument('command', nargs='?', choices=('train', 'eval', 'hessian', 'config'),
+                      help='train, eval, hessian, or config (lists every key)')
   parser.add_argument('--config', default=None,
                       help='a shipped config by name (e.g. cifar100_lt_ssesam) or a .py path')
-  parser.add_argument('--workdir', default='runs/default')
+  parser.add_argument('--workdir', default='runs/default',
+                      help='where the run lives (default: %(default)s)')
   parser.add_argument('--no-progress', action='store_true')
   parser.add_argument('--restart', action='store_true',
                       help='train: move an existing run in --workdir aside and start fresh')
@@ -190,6 +197,11 @@ def main(argv=None):
   parser.add_argument('--max-examples', type=int, default=4096)
   parser.add_argument('overrides', nargs='*', help='dotted key=value config overrides')
   args = parser.parse_intermixed_args(argv)
+  if args.command is None:
+    print('sse-sam-jax: error: name a command: train, eval, hessian or config, e.g. '
+          '`sse-sam-jax train --workdir runs/mnist1d_lt` (--help lists the options).',
+          file=sys.stderr)
+    return 2
   args.overrides = list(args.overrides) + flag_overrides
   _require_training_extra()
   from sse_sam_jax.train import logs  # pylint: disable=g-import-not-at-top

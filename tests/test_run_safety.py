@@ -177,6 +177,40 @@ def test_config_file_mistakes_are_one_line(tmp_path, capsys):
   (tmp_path / 'empty.py').write_text('x = 1\n')
   code, _, err = run_cli(['train', '--config', str(tmp_path / 'empty.py')], capsys)
   assert_one_line_error(code, err, 'has no get_config()')
+  (tmp_path / 'broken.py').write_text('def get_config(:\n  pass\n')
+  code, _, err = run_cli(['train', '--config', str(tmp_path / 'broken.py')], capsys)
+  assert_one_line_error(code, err, 'could not be loaded (line 1): SyntaxError')
+  (tmp_path / 'raises.py').write_text('import no_such_module_here\n')
+  code, _, err = run_cli(['train', '--config', str(tmp_path / 'raises.py')], capsys)
+  assert_one_line_error(code, err, 'could not be loaded', 'no_such_module_here')
+
+
+def test_a_bare_command_line_and_zero_epochs_say_what_is_wrong(capsys):
+  code, _, err = run_cli([], capsys)
+  assert_one_line_error(code, err, 'name a command: train, eval, hessian or config')
+  code, _, err = run_cli(['train', 'epochs=0'], capsys)
+  assert_one_line_error(code, err, 'epochs must be an integer >= 1, got 0')
+
+
+def test_an_unwritable_data_cache_is_said_once_not_ignored(tmp_path, monkeypatch, capsys):
+  import mnist1d.data
+
+  from sse_sam_jax.data import sources
+  from sse_sam_jax.train import logs
+  logs.setup('info')
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  monkeypatch.setenv('SSE_SAM_JAX_CACHE', str(blocker / 'cache'))  # under a file: unwritable
+  tiny_set = {k: np.zeros((4, 3)) for k in sources.MNIST1D_KEYS}
+  monkeypatch.setattr(mnist1d.data, 'make_dataset', lambda args: tiny_set)
+  sources._mnist1d_raw.cache_clear()  # pylint: disable=protected-access
+  try:
+    raw = sources._mnist1d_raw(17, 3, 0.5)  # pylint: disable=protected-access
+  finally:
+    sources._mnist1d_raw.cache_clear()  # pylint: disable=protected-access
+  assert raw['x'].shape == (4, 3)
+  err = capsys.readouterr().err
+  assert 'cannot write' in err and 'SSE_SAM_JAX_CACHE' in err, err
 
 
 def _bad_npz(path, kind):

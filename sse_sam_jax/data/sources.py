@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import pathlib
 import zipfile
@@ -232,8 +233,10 @@ def _mnist1d_raw(num_samples: int, seed: int, iid_noise_scale: float) -> dict:
       tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp.npz')
       np.savez(tmp, **raw)
       tmp.replace(path)  # atomic: a reader sees the whole file or none
-    except OSError:
-      pass
+    except OSError as e:
+      logging.getLogger(__name__).warning(
+          'MNIST-1D cache: cannot write %s (%s); every run generates the data again (~1 '
+          'minute). Point SSE_SAM_JAX_CACHE at a writable folder.', path, e.strerror or e)
   for v in raw.values():
     v.setflags(write=False)
   return raw

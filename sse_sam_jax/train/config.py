@@ -141,6 +141,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   def check(ok, msg):
     if not ok:
       raise ValueError(f'config: {msg}')
+  check(int(c.epochs) == c.epochs and c.epochs >= 1, f'epochs must be an integer >= 1, got '
+        f'{c.epochs}.')
   check(c.data.name in DATASETS, f'unknown dataset {c.data.name!r}; choose one of {DATASETS}.')
   check(c.model.name in MODELS, f'unknown model {c.model.name!r}; choose one of {MODELS}.')
   check(c.loss.name in losses_lib.LOSSES,
