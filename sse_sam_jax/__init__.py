@@ -41,6 +41,7 @@ from sse_sam_jax.optim import (
     switch_step,
     tail_classes,
     validate_class_counts,
+    validate_labels,
     validate_radius,
 )
 
@@ -82,6 +83,7 @@ __all__ = [
     'switch_step',
     'tail_classes',
     'validate_class_counts',
+    'validate_labels',
     'validate_radius',
     '__version__',
 ]

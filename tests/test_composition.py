@@ -493,3 +493,16 @@ def test_sam_equals_optax_contrib_sam_where_both_define_the_same_step():
   moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(ends[0]),
                                                            jax.tree.leaves(params0)))
   assert moved > 1e-3
+
+
+def test_flatten_around_a_transform_is_refused_with_the_fix():
+  params = init_params(1)
+  x, y = make_batch(2)
+  loss_fn = lambda p: per_example_loss(p, (x, y))
+  tx = optax.flatten(optax.chain(ssj.sam(0.05), optax.sgd(0.1)))
+  with pytest.raises(TypeError, match=r'inside optax.flatten.*optax.flatten\(optax.sgd'):
+    tx.update(mean_grad(loss_fn, params), tx.init(params), params, loss_fn=loss_fn)
+  # the recipe the message gives works
+  ok = optax.chain(ssj.sam(0.05), optax.flatten(optax.sgd(0.1)))
+  updates, _ = ok.update(mean_grad(loss_fn, params), ok.init(params), params, loss_fn=loss_fn)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)

@@ -492,3 +492,33 @@ def test_stage_at():
   assert [ssj.stage_at(s, [2, 5]) for s in range(7)] == [0, 0, 1, 1, 1, 2, 2]
   assert [ssj.stage_at(s, [1, 1]) for s in range(3)] == [0, 2, 2]
   assert ssj.stage_at(10**6, []) == 0
+
+
+def test_labels_are_validated_by_name():
+  """Labels reach the group methods and Focal-SAM checked: integer dtype (not one-hot),
+  rank 1, and in range when concrete; a missing ``labels=`` is named as such."""
+  params = init_params(0)
+  x, y = make_batch(0)
+  loss_fn = lambda p: per_example_loss(p, x, y)
+  tail = ssj.tail_classes([400, 120, 30, 8], 50)
+  for tx in (ssj.imbsam(0.1, tail_classes=tail), ssj.sse_sam(0.05, 0.1, 3, tail_classes=tail),
+             ssj.focal_sam(0.1, lam=1.0, gamma=1.0, class_counts=[400, 120, 30, 8])):
+    state = tx.init(params)
+    update = functools.partial(tx.update, params, state, params, loss_fn=loss_fn)
+    with pytest.raises(TypeError, match=r'labels must be integer class indices.*one-hot'):
+      update(labels=jax.nn.one_hot(y, 4))
+    with pytest.raises(ValueError, match=r'shape \[B\], got \(12, 1\) \(squeeze'):
+      update(labels=y[:, None])
+    with pytest.raises(ValueError, match=r'labels must lie in \[0, 4\)'):
+      update(labels=y.at[0].set(4))
+    with pytest.raises(TypeError, match=r'keyword argument\(s\) labels'):
+      update()
+    update(labels=y)  # and the right labels pass
+
+
+def test_complex_parameters_are_refused_with_the_fix():
+  params = {'w': jnp.ones((3,), jnp.complex64)}
+  loss_fn = lambda p: jnp.abs(p['w']) ** 2
+  tx = ssj.sam(0.05)
+  with pytest.raises(TypeError, match='real parameters.*two real arrays'):
+    tx.update(params, tx.init(params), params, loss_fn=loss_fn)

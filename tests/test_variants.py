@@ -14,6 +14,7 @@ import pytest
 
 import sse_sam_jax as ssj
 from sse_sam_jax.optim import sharpness_reuse
+from tests import golden_cases
 from tests.test_optim import IN, C, make_batch  # the same batches as the optimizer tests
 
 HID = 7
@@ -392,7 +393,7 @@ COUNTS = [400, 120, 30, 8]
 def ref_focal_direction(params, x, y, *, rho, lam, gamma):
   """Li et al. (2025), Algorithm 1, written out: g = grad L - lam grad L^g + lam grad L^g(w+e)."""
   pi = np.asarray(COUNTS, np.float64) / np.sum(COUNTS)
-  w = jnp.asarray((1 - pi) ** gamma, jnp.float32)[y]
+  w = jnp.asarray((1 - pi) ** gamma, jax.tree.leaves(params)[0].dtype)[y]
   mean = lambda p: per_example_loss(p, x, y).mean()
   focal = lambda p: jnp.sum(w * per_example_loss(p, x, y)) / x.shape[0]
   at = _unit_perturbed_grad(focal, params, rho)
@@ -414,6 +415,20 @@ class FocalSamTest(chex.TestCase):
       chex.assert_trees_all_close(
           got, ref_focal_direction(params, x, y, rho=0.1, lam=0.8, gamma=2.0),
           rtol=2e-5, atol=1e-6)
+
+  def test_matches_reference_in_float64(self):
+    """The class weights stay float64 under float64 (they were rounded to float32)."""
+    with golden_cases.enable_x64():
+      params = golden_cases.as_float64(init_params(1))
+      x, y = make_batch(3)
+      x = x.astype(jnp.float64)
+      tx = ssj.focal_sam(0.1, lam=0.8, gamma=2.0, class_counts=COUNTS)
+      got, _ = tx.update(params, tx.init(params), params, labels=y,
+                         loss_fn=lambda p: per_example_loss(p, x, y))
+      want = ref_focal_direction(params, x, y, rho=0.1, lam=0.8, gamma=2.0)
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.dtype == jnp.float64
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_gamma_zero_lam_one_is_sam(self):

@@ -11,6 +11,7 @@ from sse_sam_jax.optim.grouping import (
     example_groups,
     tail_classes,
     validate_class_counts,
+    validate_labels,
 )
 from sse_sam_jax.optim.sam_and_asam import asam, sam
 from sse_sam_jax.optim.sharpness_aware import (
@@ -47,6 +48,7 @@ __all__ = [
     'example_groups',
     'tail_classes',
     'validate_class_counts',
+    'validate_labels',
     'ASAM_ETA',
     'NORMALIZATIONS',
     'SharpnessAwareState',

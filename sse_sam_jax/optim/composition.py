@@ -50,6 +50,7 @@ def _wrapper_codes():
     codes['named_chain'] = _code(optax.named_chain(('a', identity)).update)
   codes['apply_if_finite'] = _code(optax.apply_if_finite(identity, 1).update)
   codes['MultiSteps'] = _code(optax.MultiSteps.update)
+  codes['flatten'] = _code(optax.flatten(identity).update)
   return {v: k for k, v in codes.items() if v is not None}
 
 
@@ -91,6 +92,11 @@ def check_composition(name: str, params: Any) -> None:
           'other microbatches. Evaluate the whole batch in microbatches instead: '
           'loss_fn = ssj.microbatched(per_example_loss, batch, num_microbatches=k), '
           'then one update per batch (see sse_sam_jax.optim.accumulation).')
+    if kind == 'flatten':
+      raise TypeError(
+          f'ssj.{name} inside optax.flatten: the transform calls loss_fn with the parameters '
+          'it receives, which flatten turns into one vector. Flatten the base optimizer '
+          f'only: optax.chain(ssj.{name}(...), optax.flatten(optax.sgd(...))).')
     if kind == 'apply_if_finite':
       raise TypeError(
           f'optax.apply_if_finite around ssj.{name} checks only the incoming gradient at w, '

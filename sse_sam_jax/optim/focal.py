@@ -10,6 +10,7 @@ import optax
 
 from sse_sam_jax.optim import composition, sharpness_reuse
 from sse_sam_jax.optim import sharpness_aware as core
+from sse_sam_jax.optim.grouping import class_lookup, validate_labels
 from sse_sam_jax.optim.sharpness_aware import (
   Radius,
   SharpnessSteps,
@@ -63,7 +64,7 @@ def focal_sam(rho: Radius, *, lam: float, gamma: float, class_counts, mask=None,
   rho = validate_radius(rho)
   if not np.isfinite(lam) or lam < 0:
     raise ValueError(f'lam must be finite and >= 0, got {lam}.')
-  weights = focal_weights(class_counts, gamma).astype(np.float32)
+  weights = focal_weights(class_counts, gamma)  # float64: cast to the losses' dtype
   adaptive_eta = core._check_adaptive_eta(adaptive_eta)
   sharpness_steps = sharpness_reuse.validate(sharpness_steps)
 
@@ -73,15 +74,15 @@ def focal_sam(rho: Radius, *, lam: float, gamma: float, class_counts, mask=None,
     composition.check_composition('focal_sam', params)
     core._require('focal_sam', params=params, loss_fn=loss_fn, labels=labels)
     core._check_aux_sink(perturbed_aux, 'focal_sam')
-    labels = jnp.asarray(labels)
+    labels = validate_labels(labels, len(weights), 'focal_sam')
     if loss_vjp is None:
       losses, vjp_fn = core._loss_vjp(loss_fn, params, [] if perturbed_aux is not None else None)
     else:
       losses, vjp_fn = loss_vjp
     core._check_losses(losses, labels.shape[0])
     n = labels.shape[0]
-    plain = jnp.full((n,), 1.0 / n, losses.dtype)
-    focal = (jnp.asarray(weights)[labels] / n).astype(losses.dtype)
+    plain = jnp.full_like(losses, 1.0 / n)  # (full_like: the losses' sharding too)
+    focal = class_lookup(weights, labels, losses.dtype) / n
 
     def clean_fn():
       return core._cast_like(vjp_fn(plain)[0], params)

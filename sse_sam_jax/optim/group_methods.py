@@ -12,6 +12,7 @@ import optax
 
 from sse_sam_jax.optim import composition, sharpness_reuse
 from sse_sam_jax.optim import sharpness_aware as core
+from sse_sam_jax.optim.grouping import class_lookup, validate_labels
 from sse_sam_jax.optim.sharpness_aware import (
   NORMALIZATIONS,
   Radius,
@@ -102,8 +103,10 @@ def group_sam(rhos: Sequence[Radius], *, normalization: str = 'batch',
                 **extra_args):
     del updates, extra_args
     composition.check_composition(name, params)
-    if group_ids is None and labels is not None and class_groups is not None:
-      group_ids = jnp.asarray(class_groups)[labels]
+    if group_ids is None and class_groups is not None:  # built with tail_classes: labels
+      core._require(name, params=params, loss_fn=loss_fn, labels=labels)
+      labels = validate_labels(labels, len(class_groups), name)
+      group_ids = class_lookup(class_groups, labels, jnp.int32)
     core._require(name, params=params, loss_fn=loss_fn, group_ids=group_ids)
     core._check_aux_sink(perturbed_aux, name)
     group_ids = jnp.asarray(group_ids)

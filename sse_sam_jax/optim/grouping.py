@@ -54,6 +54,39 @@ def tail_classes(class_counts: Sequence[int] | np.ndarray, eta: float) -> np.nda
   return counts < eta
 
 
+def validate_labels(labels, num_classes: int, name: str):
+  """``labels`` as an int array ``[B]`` of class indices, checked by name: integer dtype
+  (not one-hot), rank 1, and, when concrete (outside ``jit``), each in
+  ``[0, num_classes)``. A traced label cannot be checked; JAX's indexing would clamp an
+  out-of-range one into the last class, so check the data where it is loaded."""
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f'{name}: labels must be integer class indices of shape [B], got dtype '
+                    f'{labels.dtype} and shape {labels.shape} (one-hot labels: pass '
+                    'jnp.argmax(y, -1)).')
+  if labels.ndim != 1:
+    raise ValueError(f'{name}: labels must have shape [B], got {labels.shape}'
+                     + (' (squeeze the last axis).' if labels.ndim == 2 and labels.shape[1] == 1
+                        else '.'))
+  try:
+    values = np.asarray(labels)
+  except Exception:  # pylint: disable=broad-except  (traced: nothing to check here)
+    return labels
+  if values.size and (values.min() < 0 or values.max() >= num_classes):
+    raise ValueError(f'{name}: labels must lie in [0, {num_classes}) (the classes the '
+                     f'transform was built with); found {values.min()}..{values.max()}.')
+  return labels
+
+
+def class_lookup(table, labels, dtype=None) -> jnp.ndarray:
+  """``table[labels]`` (a per-class value for every example) as a one-hot sum, not a
+  gather: under a mesh with Explicit axes (``jax.make_mesh``'s default) a gather of a
+  replicated table by batch-sharded labels has no sharding rule; this is elementwise."""
+  table = jnp.asarray(table, dtype)
+  onehot = labels[:, None] == jnp.arange(table.shape[0], dtype=labels.dtype)[None, :]
+  return jnp.sum(jnp.where(onehot, table[None, :], jnp.zeros((), table.dtype)), axis=1)
+
+
 def example_groups(labels: jnp.ndarray, is_tail_class) -> jnp.ndarray:
   """Per-example group ids (0 = head, 1 = tail) from integer labels.
 
@@ -64,5 +97,4 @@ def example_groups(labels: jnp.ndarray, is_tail_class) -> jnp.ndarray:
   Returns:
     int32 array ``[B]``.
   """
-  is_tail_class = jnp.asarray(is_tail_class, dtype=jnp.int32)
-  return is_tail_class[labels]
+  return class_lookup(is_tail_class, jnp.asarray(labels), jnp.int32)

@@ -78,7 +78,7 @@ def sam(rho: Radius, *, mask=None, adaptive_eta: float | None = None,
       losses, vjp_fn = loss_vjp
       core._check_losses(losses)
       n = losses.shape[0]
-      return core._cast_like(vjp_fn(jnp.full((n,), 1.0 / n, losses.dtype))[0], params)
+      return core._cast_like(vjp_fn(jnp.full_like(losses, 1.0 / n))[0], params)
 
     def full_fn():
       clean = clean_fn()
@@ -87,7 +87,7 @@ def sam(rho: Radius, *, mask=None, adaptive_eta: float | None = None,
       losses_p, vjp_p = core._loss_vjp(loss_fn, perturbed, perturbed_aux)
       core._check_losses(losses_p)
       n = losses_p.shape[0]
-      direction = vjp_p(jnp.full((n,), 1.0 / n, losses_p.dtype))[0]
+      direction = vjp_p(jnp.full_like(losses_p, 1.0 / n))[0]
       return core._cast_like(direction, params), jnp.all(jnp.isfinite(losses_p)), clean
 
     return core._finish_step(sharpness_steps, state, full_fn, clean_fn,

@@ -255,6 +255,10 @@ def perturb(params, direction, rho, mask=None, adaptive_eta=None):
     w + \rho\, T_w^2\, d / (\lVert T_w d \rVert + 10^{-16}).
   """
   leaves, treedef = jax.tree_util.tree_flatten(params)
+  if any(jnp.iscomplexobj(p) for p in leaves):
+    raise TypeError('sharpness-aware transforms take real parameters: the perturbation\'s '
+                    'norm and direction are not defined here for complex leaves. Keep a '
+                    'complex weight as two real arrays (real and imaginary parts).')
   dirs = treedef.flatten_up_to(direction)
   keep = [True] * len(leaves) if mask is None else treedef.flatten_up_to(mask)
   if adaptive_eta is None:
