@@ -456,3 +456,66 @@ def test_labels_work_under_a_mesh_with_explicit_axes():
   assert 'Explicit' in out.pop('axis_types')
   for name, diff in out.items():
     assert diff <= 1e-6, (name, diff)
+
+
+SHARD_MAP_DEFAULTS = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import PartitionSpec as P
+import sse_sam_jax as ssj
+
+mesh = jax.make_mesh((2,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+counts = [400, 120, 30, 8]
+tail = ssj.tail_classes(counts, 50)
+makers = {'sam': lambda: ssj.sam(0.05), 'imbsam': lambda: ssj.imbsam(0.1, tail_classes=tail),
+          'sse_sam': lambda: ssj.sse_sam(0.05, 0.1, 1, tail_classes=tail),
+          'focal_sam': lambda: ssj.focal_sam(0.1, lam=1.0, gamma=1.0, class_counts=counts)}
+rng = np.random.default_rng(0)
+x, y = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32), jnp.arange(8) % 4
+out = {}
+for name, make in makers.items():
+  tx = optax.chain(make(), ssj.mean_across('data'), optax.sgd(0.1))
+  params = {'w': jnp.asarray(rng.normal(size=(5, 4)) * 0.3, jnp.float32)}
+
+  def local(params, state, x, y):
+    loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(x @ p['w'], y)
+    g = jax.grad(lambda p: loss_fn(p).mean())(params)
+    u, state = tx.update(g, state, params, loss_fn=loss_fn, labels=y)
+    return optax.apply_updates(params, u), state
+
+  # check_vma=True (shard_map's default): JAX sums the gradients of the replicated
+  # parameters over the devices, so each device's step is the global one on the summed
+  # losses; the reference is that, unsharded: every example's loss times the devices.
+  f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P('data'), P('data')),
+                            out_specs=(P(), P())))
+
+  def reference(params, state, x, y):
+    loss_fn = lambda p: 2.0 * optax.softmax_cross_entropy_with_integer_labels(x @ p['w'], y)
+    g = jax.grad(lambda p: loss_fn(p).mean())(params)
+    u, state = optax.chain(make(), optax.sgd(0.1)).update(g, state, params, loss_fn=loss_fn,
+                                                           labels=y)
+    return optax.apply_updates(params, u), state
+
+  ref_tx = optax.chain(make(), optax.sgd(0.1))
+  p, s = params, tx.init(params)
+  q, r = params, ref_tx.init(params)
+  for _ in range(2):  # sse_sam crosses its switch at step 1
+    p, s = f(p, s, x, y)
+    q, r = jax.jit(reference)(q, r, x, y)
+  out[name] = float(np.max(np.abs(np.asarray(p['w']) - np.asarray(q['w']))))
+  out[name + '_moved'] = float(np.max(np.abs(np.asarray(p['w']) - np.asarray(params['w']))))
+print(json.dumps(out))
+'''
+
+
+def test_transforms_work_inside_shard_map_with_its_defaults():
+  """The transforms inside a user's ``shard_map`` with its default ``check_vma=True``:
+  the finiteness count is reduced over the manual axes, so the state stays replicated (it
+  raised before), and the steps are what JAX's semantics make them there (the global
+  step on the device-summed losses; ``check_vma=False``, the trainer's, gives per-device
+  perturbations)."""
+  out = run_with_devices(SHARD_MAP_DEFAULTS, devices=2, timeout=300)
+  for name in ('sam', 'imbsam', 'sse_sam', 'focal_sam'):
+    assert out[name] <= 1e-6, (name, out)
+    assert out[name + '_moved'] > 1e-3, (name, out)

@@ -128,9 +128,26 @@ def _init_fn(sharpness_steps):
   return init
 
 
+def _all_devices(finite):
+  """Inside ``jax.shard_map`` with ``check_vma=True`` a finiteness flag computed from a
+  device's shard varies over the manual axes; the state must not: it becomes whether the
+  losses were finite on every device (``pmin`` over those axes). Elsewhere (``jit``,
+  ``check_vma=False``) it is returned as it is."""
+  typeof = getattr(jax, 'typeof', None)
+  aval = typeof(finite) if typeof is not None else None
+  varying = getattr(aval, 'vma', None)  # (jax < 0.12: vma; 0.12: manual_axis_type.varying)
+  if varying is None:
+    varying = getattr(getattr(aval, 'manual_axis_type', None), 'varying', ())
+  axes = tuple(sorted(varying or ()))
+  if not axes:
+    return finite
+  return jax.lax.pmin(jnp.asarray(finite, jnp.int32), axes).astype(jnp.bool_)
+
+
 def _next_state(state, finite=None, sharpness=None, clean_norm=None):
   notfinite = state.notfinite_count
   if finite is not None:
+    finite = _all_devices(finite)
     notfinite = notfinite + jnp.logical_not(finite).astype(notfinite.dtype)
   count = jnp.asarray(optax.safe_increment(state.count))
   if isinstance(state, SharpnessReuseState):
