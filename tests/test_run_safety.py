@@ -412,3 +412,27 @@ def test_a_workdir_of_the_two_manager_layout_resumes_and_evaluates_its_best(
   assert not (root / 'steps').exists()  # continued in place
   _, model, meta = resume.restore_model(c, tmp_path, 'best')
   assert meta['checkpoint'] == 'best' and int(model['step']) >= best
+
+
+def test_inputs_of_another_rank_than_the_model_takes(tmp_path, capsys):
+  """A conv1d takes [N, L] or [N, L, channels] (channels-last signals now train); other
+  ranks, and non-images for the ResNets, are one line naming the shape it takes."""
+  assert setup.input_kwargs('conv1d', (10, 40), 'd') == {'in_channels': 1}
+  assert setup.input_kwargs('conv1d', (10, 40, 3), 'd') == {'in_channels': 3}
+  assert setup.input_kwargs('mlp', (10, 4, 5), 'd') == {'in_features': 20}
+  rng = np.random.default_rng(0)
+  y = np.repeat(np.arange(4), 40)
+  np.savez(tmp_path / 'chan.npz', x=rng.normal(size=(160, 16, 2)).astype(np.float32), y=y)
+  c = small_config(tmp_path / 'chan.npz', **{'model.name': 'conv1d', 'epochs': 1,
+                                             'data.imbalance_factor': 4.0, 'optimizer.eta': 20.0})
+  result = trainer.train(c, tmp_path / 'chan', progress=False)
+  assert result['test']['all'] >= 0
+  np.savez(tmp_path / 'img.npz', x=rng.normal(size=(160, 4, 4, 2, 2)).astype(np.float32), y=y)
+  args = [a for a in npz_args(tmp_path / 'img.npz')
+          if not a.startswith(('data.imbalance', 'model.name', 'optimizer.eta'))]
+  for model, needle in (('conv1d', 'takes signals [N, L] or [N, L, channels]'),
+                        ('resnet32', 'takes images [N, H, W, C]')):
+    code, _, err = run_cli(['train', '--workdir', str(tmp_path / model), *args,
+                            f'model.name={model}', 'data.imbalance_factor=4',
+                            'optimizer.eta=20'], capsys)
+    assert_one_line_error(code, err, needle, '[4, 4, 2, 2] per example')

@@ -197,6 +197,24 @@ class ScopePlan:
             'parameter_sharding': c.parameter_sharding}
 
 
+def input_kwargs(model: str, x_shape: tuple, dataset: str) -> dict:
+  """What the model needs to know of its input, or a one-line error naming the shape it
+  takes: ``conv1d`` takes ``[N, L]`` or ``[N, L, channels]``, the ResNets images
+  ``[N, H, W, C]``, ``mlp`` anything (flattened)."""
+  example = list(x_shape[1:])
+  if model == 'mlp':
+    return {'in_features': int(np.prod(example))}
+  if model == 'conv1d':
+    if len(example) not in (1, 2):
+      raise ValueError(f'{dataset}: model conv1d takes signals [N, L] or [N, L, channels]; the '
+                       f'inputs are {example} per example (model.name=mlp takes any shape).')
+    return {'in_channels': example[1] if len(example) == 2 else 1}
+  if len(example) != 3:
+    raise ValueError(f'{dataset}: model {model} takes images [N, H, W, C]; the inputs are '
+                     f'{example} per example (model.name=mlp takes any shape).')
+  return {}
+
+
 def scope_plan(c) -> ScopePlan:
   """``global``: one perturbation of the whole batch, as one device computes it.
   ``per_device``: every device perturbs from its shard (``shard_map`` over the
@@ -276,11 +294,10 @@ def prepare(c) -> Run:
   mesh = sharding_lib.make_mesh(c.num_devices)
   check_batch_sizes(c, spec.batch_sizes(len(lt.train)), mesh.devices.size)
 
-  model_kw = dict(normed_classifier=c.model.normed_classifier)
+  model_kw = dict(normed_classifier=c.model.normed_classifier,
+                  **input_kwargs(c.model.name, tuple(lt.train.x.shape), lt.dataset))
   if c.model.name in ('conv1d', 'mlp'):
     model_kw['init'] = c.model.init
-  if c.model.name == 'mlp':
-    model_kw['in_features'] = int(np.prod(lt.train.x.shape[1:]))
   model, params, batch_stats = models.create(c.model.name, lt.train.num_classes, seed=c.seed,
                                              **model_kw)
   loss = build_loss(c, stats, steps_per_epoch)
