@@ -436,3 +436,29 @@ def test_inputs_of_another_rank_than_the_model_takes(tmp_path, capsys):
                             f'model.name={model}', 'data.imbalance_factor=4',
                             'optimizer.eta=20'], capsys)
     assert_one_line_error(code, err, needle, '[4, 4, 2, 2] per example')
+
+
+def test_a_full_disk_is_one_line_naming_the_intact_checkpoint(npz, tmp_path, capsys,
+                                                              monkeypatch, uninterrupted):
+  """A full disk while saving (Orbax wraps ENOSPC) ends the run with one line that says so
+  and names the intact checkpoint; the rerun, with space again, resumes from it and ends
+  as the uninterrupted run does."""
+  c = tiny(npz)
+  spe = int(uninterrupted.step) // 3
+  trainer.train(c, tmp_path / 'run', progress=False, stop_after_steps=spe + 1)  # epoch 1 saved
+  real_save = checkpointing.Checkpoints.save
+
+  def full(self, step, *args, **kwargs):
+    raise RuntimeError('Orbax save failed') from OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(checkpointing.Checkpoints, 'save', full)
+  with pytest.raises(periodic.DiskFullError,
+                     match=f'the disk is full.*the checkpoint of step {spe} is intact'):
+    trainer.train(c, tmp_path / 'run', progress=False)
+  code, _, err = run_cli(['train', '--workdir', str(tmp_path / 'cli'), '--no-progress',
+                          *npz_args(npz)], capsys)
+  assert_one_line_error(code, err, 'the disk is full', 'no earlier checkpoint exists',
+                        'rerun the same command to resume')
+  monkeypatch.setattr(checkpointing.Checkpoints, 'save', real_save)
+  resumed = trainer.train(c, tmp_path / 'run', progress=False)
+  chex.assert_trees_all_equal(jax.device_get(resumed['state']), uninterrupted)

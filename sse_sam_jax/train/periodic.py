@@ -6,6 +6,7 @@ every ``log_every_steps`` steps, :class:`Evaluation`, :class:`HessianProbe` and
 from __future__ import annotations
 
 import contextlib
+import errno
 import signal
 import threading
 import time
@@ -167,8 +168,50 @@ class Checkpointer:
     t0 = time.perf_counter()
     meta = {'epoch': epochs_done, **self.layout,
             **{k: float(v) for k, v in (scalars or {}).items()}}
-    self.checkpoints.save(step, state, data_state, meta, score)
+    with self._disk_full_named(step):
+      self.checkpoints.save(step, state, data_state, meta, score)
     self.seconds += time.perf_counter() - t0
+
+  def wait(self, step):
+    """Waits for the asynchronous saves (a full disk named as such)."""
+    with self._disk_full_named(step):
+      self.checkpoints.wait()
+
+  @contextlib.contextmanager
+  def _disk_full_named(self, step):
+    """A full disk during a save (Orbax's error, or a later one of its asynchronous
+    save) becomes one :class:`DiskFullError` naming the intact checkpoint."""
+    steps = self.checkpoints.steps()
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  (Orbax wraps I/O errors variously)
+      if not disk_full(e):
+        raise
+      kept = [s for s in steps if s != step]
+      intact = (f'the checkpoint of step {kept[0]} is intact' if kept
+                else 'no earlier checkpoint exists')
+      raise DiskFullError(f'the disk is full: a checkpoint (step {step} or the one before) '
+                          f'could not be written to {self.checkpoints.directory}; {intact}. '
+                          'Free space and rerun the same command to resume.') from None
+
+
+class DiskFullError(RuntimeError):
+  """No space left for a checkpoint; the newest intact one is named in the message."""
+
+
+def disk_full(error: BaseException) -> bool:
+  """Whether ``error`` (or what caused it) is a full disk: ``ENOSPC``, or Orbax's and
+  TensorStore's wrappings of it."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True
+    text = str(error)
+    if 'No space left on device' in text or 'RESOURCE_EXHAUSTED' in text:
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -102,7 +103,7 @@ def _damaged(checkpoints, step: int, error: Exception) -> None:
     logger.warning('checkpoint step %d is damaged; skipping it.', step)
     return
   target = checkpoints.set_aside(step)
-  reason = ' '.join(f'{type(error).__name__}: {error}'.split())[:160]
+  reason = re.sub(r'<[^<>]*>', '...', ' '.join(f'{type(error).__name__}: {error}'.split()))[:160]
   logger.warning('checkpoint step %d is damaged (%s); moved to %s, trying an older one.',
                  step, reason, target)
 

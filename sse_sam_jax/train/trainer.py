@@ -160,7 +160,7 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
         bar.close()
         if sigterm or interrupted:  # a preempted VM, or Ctrl-C: save the step, then stop
           checkpointer(step, step // spe, False, state, batch_iter.get_state(), force=True)
-          checkpoints.wait()
+          checkpointer.wait(step)
           logger.info('%s: checkpoint saved at step %d in %s; rerun the same command to '
                       'resume.', 'SIGTERM' if sigterm else 'Ctrl-C', step, workdir)
           return {'stopped_at': step, 'preempted': bool(sigterm), 'interrupted': not sigterm,
@@ -177,7 +177,7 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
           action(step, epochs_done, last, state)
         checkpointer(step, epochs_done, last, state, batch_iter.get_state(), scalars, score)
         report.pause(time.perf_counter() - t0)
-    checkpoints.wait()
+    checkpointer.wait(step)
     loop_s = time.perf_counter() - t_start
     compile_s = first_compile_s + train_step.wait_s  # what the run waited for programs
     timing = {'compile_s': round(compile_s, 3), 'loop_s': round(loop_s, 3),
