@@ -214,11 +214,20 @@ def _executable_cache(c, run: setup.Run, cache_dir) -> ExecutableCache | None:
   read-ahead) loads the same programs; devices and shardings are in the key anyway."""
   if cache_dir is None or not workdir_lib.is_local(cache_dir):
     return None
+  return ExecutableCache(cache_dir / 'executables', program_fingerprint(c, run))
+
+
+def program_fingerprint(c, run: setup.Run) -> dict:
+  """What the train step's programs are built from, beyond the environment and the
+  state's and batches' specs: every config key that alters training, and what the data
+  bake into the program (class counts: tail mask, class weights, LDAM margins; the
+  training set's size and example shape)."""
   trained = {k: v for k, v in workdir_lib.flatten(c.to_dict()).items()
              if not workdir_lib.is_neutral(k)}
-  return ExecutableCache(cache_dir / 'executables', {
-      'config': trained, 'class_counts': run.stats.counts.tolist(),
-      'train_examples': len(run.data.train), 'example_shape': run.data.train.x.shape[1:]})
+  return {'config': trained, 'class_counts': run.stats.counts.tolist(),
+          'train_examples': len(run.data.train),
+          'example_shape': list(run.data.train.x.shape[1:]),
+          'example_dtype': str(run.data.train.x.dtype)}
 
 
 def _loaded_note(executables) -> str:
