@@ -184,3 +184,26 @@ def test_messages_go_through_logging_first_host_only_and_verbosity(capsys):
       logs.setup('loud')
   finally:
     logs.setup('info')
+
+
+def test_results_record_their_provenance(tmp_path):
+  """results.json says what produced it: the package, the git commit of the checkout
+  (dirty or not), library versions, Python, the CPU model and device kind, the XLA flags;
+  the run id changes with the config."""
+  import json
+  import pathlib
+  import subprocess
+
+  from sse_sam_jax.train import provenance
+  npz = make_npz(tmp_path / 'b.npz')
+  trainer.train(small_config(npz, epochs=1), tmp_path / 'run', progress=False)
+  p = json.loads((tmp_path / 'run' / 'results.json').read_text())['provenance']
+  assert p['sse_sam_jax'] and p['versions']['jax'] and p['versions']['flax']
+  assert p['python'] and p['cpu_model'] and p['device_kind'] and 'xla_flags' in p
+  root = pathlib.Path(__file__).resolve().parents[1]
+  if (root / '.git').exists():
+    head = subprocess.run(['git', '-C', str(root), 'rev-parse', 'HEAD'], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert p['git']['commit'] == head and isinstance(p['git']['dirty'], bool)
+  a, b = provenance.provenance({'seed': 0}), provenance.provenance({'seed': 1})
+  assert a['run_id'] != b['run_id'] and a['run_id'] == provenance.provenance({'seed': 0})['run_id']

@@ -29,6 +29,7 @@ from sse_sam_jax.data import augment as augment_lib
 from sse_sam_jax.train import config as config_lib
 from sse_sam_jax.train import dispatch, logs, resume, setup
 from sse_sam_jax.train import evaluate as eval_lib
+from sse_sam_jax.train import provenance as provenance_lib
 from sse_sam_jax.train import workdir as workdir_lib
 from sse_sam_jax.train.checkpointing import Checkpoints
 from sse_sam_jax.train.compiled_step import CompiledTrainStep, compiler_options
@@ -266,7 +267,8 @@ def throughput_line(timing: dict) -> str:
 
 def _final_results(c, run, evaluation, state, workdir, total_steps, train_seconds, compiles,
                    timing):
-  result = {'config': c.to_dict(), 'train_seconds': train_seconds, 'total_steps': total_steps,
+  result = {'config': c.to_dict(), 'provenance': provenance_lib.provenance(c.to_dict()),
+            'train_seconds': train_seconds, 'total_steps': total_steps,
             'class_counts': run.stats.counts.tolist(), 'compiles': compiles, 'timing': timing,
             'throughput': throughput_line(timing)}
   for name, split in (('val', run.data.val), ('test', run.data.test)):
