@@ -369,3 +369,26 @@ def test_many_medium_few_on_a_crafted_confusion():
   assert m['balanced'] == pytest.approx(np.mean([0.9, 0.6, 0.5, 0.0, 0.8, 1.0]))
   table = evaluate.format_table({'x': m})
   assert '| x | 75.00 | 25.00 | 90.00 | 63.33 |' in table
+
+
+def test_classes_absent_from_the_split_have_no_accuracy_and_no_nan():
+  """A class without a test example: ``None`` in per_class (strict JSON, never NaN), left
+  out of balanced and its shot mean; a whole shot group absent: ``None``, shown as '-';
+  a class absent from one batch but present in the split is counted (the confusion
+  accumulates over batches)."""
+  from sse_sam_jax.data import ClassStats
+  from sse_sam_jax.train import evaluate
+  stats = ClassStats(np.array([5000, 1500, 500, 300, 100, 50]), many_above=1000, few_below=200)
+  labels = np.array([0, 0, 1, 1, 2, 3, 3])      # classes 4 and 5 (all of Few) absent
+  preds = np.array([0, 1, 1, 1, 0, 3, 2])
+  m = evaluate.metrics_from_confusion(evaluate.confusion_matrix(labels, preds, 6), stats)
+  assert m['per_class'] == [0.5, 1.0, 0.0, 0.5, None, None]
+  json.dumps(m, allow_nan=False)  # no NaN anywhere
+  assert m['many'] == pytest.approx(0.75) and m['medium'] == pytest.approx(0.25)
+  assert m['few'] is None and m['balanced'] == pytest.approx(0.5)
+  assert '| x | 75.00 | 25.00 | - | 57.14 |' in evaluate.format_table({'x': m})
+  # over batches: class 2 is absent from the first batch only
+  first = evaluate.confusion_matrix(labels[:4], preds[:4], 6)
+  rest = evaluate.confusion_matrix(labels[4:], preds[4:], 6)
+  whole = evaluate.metrics_from_confusion(first + rest, stats)
+  assert whole == m

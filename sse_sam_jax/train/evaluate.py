@@ -71,15 +71,21 @@ def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
 def metrics_from_confusion(confusion: np.ndarray, stats: ClassStats) -> dict:
   """All (plain accuracy), balanced (mean per-class) accuracy, per-class accuracy and the
   Many/Medium/Few means of it. Model selection on a long-tailed validation split should
-  use ``balanced``: plain accuracy there is dominated by the head classes."""
+  use ``balanced``: plain accuracy there is dominated by the head classes.
+
+  A class without an example in the split has no accuracy: ``None`` in ``per_class``
+  (JSON ``null``, never NaN), and it is left out of ``balanced`` and of its shot group's
+  mean; a shot group none of whose classes occurs is ``None``.
+  """
   support = confusion.sum(axis=1)
-  per_class = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
+  present = support > 0
+  per_class = np.diag(confusion) / np.maximum(support, 1)
   out = {'all': float(np.trace(confusion) / max(confusion.sum(), 1)),
-         'balanced': float(np.nanmean(per_class)),  # = 'all' on a balanced test set
-         'per_class': per_class.tolist()}
+         'balanced': float(per_class[present].mean()) if present.any() else None,
+         'per_class': [float(a) if p else None for a, p in zip(per_class, present)]}
   for name, mask in stats.shot_groups().items():
-    values = per_class[mask & (support > 0)]
-    out[name] = float(values.mean()) if values.size else float('nan')
+    values = per_class[mask & present]
+    out[name] = float(values.mean()) if values.size else None
   return out
 
 
@@ -97,7 +103,8 @@ def evaluate(predict, params, batch_stats, split: Split, stats: ClassStats,
 def format_table(rows: dict[str, dict]) -> str:
   """A Markdown Many/Medium/Few/All table, one row per name, in percent."""
   lines = ['| run | Many | Medium | Few | All |', '| --- | --- | --- | --- | --- |']
+  cell = lambda v: '-' if v is None else f'{100 * v:.2f}'  # (a shot group not in the split)
   for name, m in rows.items():
-    lines.append(f"| {name} | {100 * m['many']:.2f} | {100 * m['medium']:.2f} | "
-                 f"{100 * m['few']:.2f} | {100 * m['all']:.2f} |")
+    lines.append(f"| {name} | {cell(m['many'])} | {cell(m['medium'])} | {cell(m['few'])} | "
+                 f"{cell(m['all'])} |")
   return '\n'.join(lines)

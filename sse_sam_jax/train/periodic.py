@@ -130,7 +130,8 @@ class Evaluation:
     for name, split in (('val', self.run.data.val), ('test', self.run.data.test)):
       if split is not None:
         m = self.evaluate(state, split)
-        scalars.update({f'{name}_{k}': m[k] for k in ('all', 'balanced', 'many', 'medium', 'few')})
+        scalars.update({f'{name}_{k}': m[k] for k in ('all', 'balanced', 'many', 'medium', 'few')
+                        if m[k] is not None})  # (a shot group absent from the split)
     score = None
     if self.c.eval.select_on != 'none':  # balanced accuracy: the val split is long-tailed
       score = scalars.get(f'{self.c.eval.select_on}_balanced')
