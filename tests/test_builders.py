@@ -105,3 +105,31 @@ def test_stage_boundaries_are_read_from_the_transform():
 def test_bad_builder_keys(key, value, match):
   with pytest.raises(ValueError, match=match):
     config(**{key: value})
+
+
+@pytest.mark.parametrize('base', ['sgd', 'nesterov'])
+def test_the_chain_order_at_non_degenerate_settings(base):
+  """direction -> clip -> weight decay -> base optimizer, with momentum, weight decay and
+  lr != 1 over several steps, against that order written out (clipping after the base
+  optimizer, or weight decay before the clip, give other parameters here)."""
+  clip, wd, lr, mom = 0.02, 5e-3, 0.07, 0.9
+  c = config(**{'optimizer.name': 'sam', 'optimizer.base': base, 'optimizer.clip_norm': clip,
+                'optimizer.lr': lr, 'optimizer.schedule': 'constant',
+                'optimizer.momentum': mom, 'optimizer.weight_decay': wd})
+  tx, _, _ = setup.build_optimizer(c, SPE)
+  got = steps(tx, n=4)
+  params, loss_fn = toy()
+  sam, buf = ssj.sam(c.optimizer.rho), jax.tree.map(jnp.zeros_like, params)
+  for _ in range(4):
+    grads = jax.grad(lambda p: loss_fn(p).mean())(params)
+    d, _ = sam.update(grads, sam.init(params), params, loss_fn=loss_fn)
+    scale = jnp.minimum(1.0, clip / optax.tree.norm(d))
+    g = jax.tree.map(lambda d, p, scale=scale: d * scale + wd * p, d, params)
+    buf = jax.tree.map(lambda m, g: mom * m + g, buf, g)
+    step = jax.tree.map(lambda m, g: mom * m + g, buf, g) if base == 'nesterov' else buf
+    params = jax.tree.map(lambda p, s: p - lr * s, params, step)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+  assert float(optax.tree.norm(sam.update(jax.grad(lambda p: loss_fn(p).mean())(params),
+                                          sam.init(params), params,
+                                          loss_fn=loss_fn)[0])) > clip  # the clip bites

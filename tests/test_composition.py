@@ -506,3 +506,50 @@ def test_flatten_around_a_transform_is_refused_with_the_fix():
   ok = optax.chain(ssj.sam(0.05), optax.flatten(optax.sgd(0.1)))
   updates, _ = ok.update(mean_grad(loss_fn, params), ok.init(params), params, loss_fn=loss_fn)
   assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize('name', ['sam', 'imbsam', 'sse_sam', 'focal_sam'])
+def test_one_nonfinite_example_at_the_perturbed_point_counts_the_step(name):
+  """The finiteness flag is over every example (all), not any: one example's loss NaN at
+  the perturbed point counts the step; a step with every example finite counts nothing."""
+  x, y = jnp.ones((4, 3)), jnp.arange(4.)
+  labels = jnp.array([0, 1, 2, 3])
+  only_two = jnp.arange(4) == 2
+
+  def loss_fn(w):  # example 2 (a tail example) is NaN once ||w|| > 1, the others never
+    return (x @ w - y) ** 2 + jnp.where(only_two, jnp.sqrt(1.0 - jnp.sum(w ** 2)), 0.0)
+
+  tail = ssj.tail_classes([400, 120, 30, 8], 50)  # classes 2 and 3
+  tx = {'sam': ssj.sam, 'imbsam': lambda r: ssj.imbsam(r, tail_classes=tail),
+        'sse_sam': lambda r: ssj.sse_sam(r, r, 3, tail_classes=tail),
+        'focal_sam': lambda r: ssj.focal_sam(r, lam=1.0, gamma=1.0,
+                                             class_counts=[400, 120, 30, 8])}[name]
+  w = jnp.zeros(3)
+  assert np.isfinite(loss_fn(w)).all() and np.isnan(loss_fn(w + 2.0)).sum() == 1
+  counts = {}
+  for radius in (5.0, 0.1):
+    t = tx(radius)
+    _, state = t.update(mean_grad(loss_fn, w), t.init(w), w, loss_fn=loss_fn, labels=labels)
+    leaves = [s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, 'notfinite_count'))
+              if hasattr(s, 'notfinite_count')]
+    counts[radius] = sum(int(s.notfinite_count) for s in leaves)
+  assert counts == {5.0: 1, 0.1: 0}, counts
+
+
+def test_bind_extra_args_call_time_arguments_take_precedence():
+  """A bound argument is a default: the one given at call time wins (a wrapper that
+  merged them the other way round would silently use a stale loss)."""
+  params = init_params(1)
+  x, y = make_batch(2)
+  x2, y2 = make_batch(3)
+  stale = lambda p: per_example_loss(p, (x2, y2))
+  fresh = lambda p: per_example_loss(p, (x, y))
+  grads = mean_grad(fresh, params)
+  bound = ssj.bind_extra_args(ssj.sam(0.1), loss_fn=stale)
+  got, _ = bound.update(grads, bound.init(params), params, loss_fn=fresh)
+  plain = ssj.sam(0.1)
+  want, _ = plain.update(grads, plain.init(params), params, loss_fn=fresh)
+  chex.assert_trees_all_close(got, want, rtol=0, atol=0)
+  other, _ = plain.update(grads, plain.init(params), params, loss_fn=stale)
+  assert not all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(got),
+                                                             jax.tree.leaves(other)))
