@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from sse_sam_jax.models import masking
@@ -47,22 +48,44 @@ class FunctionalModel:
   train_graph: Any
   eval_graph: Any
   masks_padding: bool = False
+  logits_dtype: Any = None  # mixed precision: the logits (and so the loss) in float32
 
   def apply(self, params, batch_stats, x, train: bool, example_mask=None):
     graph = self.train_graph if train else self.eval_graph
     model = nnx.merge(graph, params, batch_stats, copy=True)
     with masking.example_mask(example_mask):
       logits = model(x)
+    if self.logits_dtype is not None:
+      logits = logits.astype(self.logits_dtype)
     return logits, nnx.state(model, nnx.BatchStat)
 
 
-def create(name: str, num_classes: int, *, seed: int = 0, **kwargs):
+def create(name: str, num_classes: int, *, seed: int = 0, compute_dtype=None, **kwargs):
   """Builds model ``name``; returns ``(FunctionalModel, params, batch_stats)``
-  (:func:`functional` of the module)."""
+  (:func:`functional` of the module). ``compute_dtype`` (e.g. ``jnp.bfloat16``): mixed
+  precision, see :func:`with_compute_dtype`; ``None``: everything in the parameters'
+  dtype (float32)."""
   if name not in _REGISTRY:
     raise ValueError(f'Unknown model {name!r}; choose one of {MODELS}.')
-  return functional(initialised(
-      lambda: _REGISTRY[name](num_classes, rngs=nnx.Rngs(seed), **kwargs)))
+  model = initialised(lambda: _REGISTRY[name](num_classes, rngs=nnx.Rngs(seed), **kwargs))
+  if compute_dtype is None:
+    return functional(model)
+  return functional(with_compute_dtype(model, compute_dtype), logits_dtype=jnp.float32)
+
+
+def with_compute_dtype(model: nnx.Module, dtype) -> nnx.Module:
+  """Mixed precision: every convolution and dense layer computes in ``dtype`` (inputs
+  and kernels cast to it: bfloat16 runs on tensor cores and TPU MXUs), every BatchNorm
+  in float32 (its statistics and normalisation); the parameters, their gradients, the
+  optimizer state, the perturbation and the update stay in the parameters' dtype.
+  :func:`functional` with ``logits_dtype=jnp.float32`` then gives float32 logits, so
+  the loss is float32. Returns ``model``, changed in place."""
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, nnx.BatchNorm):
+      module.dtype = jnp.float32
+    elif isinstance(module, (nnx.Conv, nnx.Linear)):
+      module.dtype = dtype
+  return model
 
 
 # XLA:CPU at its default -O3 takes seconds to compile some random-number kernels (5 s for
@@ -83,7 +106,7 @@ def initialised(build: Callable[[], nnx.Module]) -> nnx.Module:
   return nnx.merge(graphdef, jax.jit(lambda: nnx.state(build()), compiler_options=options)())
 
 
-def functional(model: nnx.Module):
+def functional(model: nnx.Module, logits_dtype=None):
   """Any Flax NNX classifier as ``(FunctionalModel, params, batch_stats)``, for
   :class:`~sse_sam_jax.train.CompiledTrainStep` and the analysis tools: your own
   architecture in place of the built-in ones of :func:`create`.
@@ -101,8 +124,8 @@ def functional(model: nnx.Module):
   train_graph, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   model.eval()
   eval_graph = nnx.graphdef(model)
-  return (FunctionalModel(train_graph, eval_graph, masking.masks_padding(model)), params,
-          batch_stats)
+  return (FunctionalModel(train_graph, eval_graph, masking.masks_padding(model), logits_dtype),
+          params, batch_stats)
 
 
 def count_params(params) -> int:
@@ -123,4 +146,5 @@ __all__ = [
     'resnet32',
     'resnet34_cifar',
     'resnet50',
+    'with_compute_dtype',
 ]

@@ -24,6 +24,7 @@ PERTURBATION_SCOPES = ('global', 'per_device', 'microbatch')
 OPTIMIZERS = ('sgd', 'sam', 'asam', 'imbsam', 'group_sam', 'sse_sam', 'sam_then_imbsam',
               'shot_sam', 'focal_sam')
 BASE_OPTIMIZERS = ('sgd', 'nesterov', 'adamw')
+COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -52,8 +53,11 @@ def default_config() -> ml_collections.ConfigDict:
   # the step's 'last_perturbed' pass (what the authors' PyTorch loop folds in last).
   # init: 'flax' (Flax's defaults: LeCun-normal dense kernels, zero biases) or 'torch'
   # (PyTorch's: every kernel and bias uniform in +-1/sqrt(fan_in)); conv1d and mlp only.
+  # compute_dtype: 'float32' (everything in float32), or 'bfloat16': convolutions and
+  # dense layers in bfloat16, BatchNorm, the loss, parameters and optimizer in float32.
   c.model = ml_collections.ConfigDict(dict(name='conv1d', normed_classifier=False,
-                                           running_stats='clean', init='flax'))
+                                           running_stats='clean', init='flax',
+                                           compute_dtype='float32'))
   c.loss = ml_collections.ConfigDict(dict(
       name='ce', drw_epoch=-1, drw_beta=0.9999, ldam_max_margin=0.5, ldam_scale=30.0,
       tau=1.0, vs_gamma=0.2,
@@ -143,6 +147,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config: {msg}')
   check(int(c.epochs) == c.epochs and c.epochs >= 1, f'epochs must be an integer >= 1, got '
         f'{c.epochs}.')
+  check(c.model.compute_dtype in COMPUTE_DTYPES, f'model.compute_dtype must be one of '
+        f'{COMPUTE_DTYPES}, got {c.model.compute_dtype!r}.')
   check(c.data.name in DATASETS, f'unknown dataset {c.data.name!r}; choose one of {DATASETS}.')
   check(c.model.name in MODELS, f'unknown model {c.model.name!r}; choose one of {MODELS}.')
   check(c.loss.name in losses_lib.LOSSES,

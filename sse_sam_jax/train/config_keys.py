@@ -45,6 +45,9 @@ MEANINGS = {
     'model.running_stats': "BatchNorm running statistics from the 'clean' pass or from the "
                            "step's 'last_perturbed' pass (what the authors' PyTorch loop "
                            'folds in last).',
+    'model.compute_dtype': "'float32', or 'bfloat16' (mixed precision): convolutions and dense "
+                           'layers in bfloat16; BatchNorm, the loss, parameters, optimizer '
+                           'state and the update in float32.',
     'model.init': "'flax' (Flax's defaults) or 'torch' (PyTorch's: every kernel and bias "
                   'uniform in +-1/sqrt(fan_in)); conv1d and mlp only.',
     # loss

@@ -298,8 +298,9 @@ def prepare(c) -> Run:
                   **input_kwargs(c.model.name, tuple(lt.train.x.shape), lt.dataset))
   if c.model.name in ('conv1d', 'mlp'):
     model_kw['init'] = c.model.init
+  compute_dtype = None if c.model.compute_dtype == 'float32' else jnp.dtype(c.model.compute_dtype)
   model, params, batch_stats = models.create(c.model.name, lt.train.num_classes, seed=c.seed,
-                                             **model_kw)
+                                             compute_dtype=compute_dtype, **model_kw)
   loss = build_loss(c, stats, steps_per_epoch)
   tx, boundaries, direction = build_optimizer(c, steps_per_epoch, stats)
   state = init_state(params, batch_stats, tx)
