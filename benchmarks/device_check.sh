@@ -3,7 +3,7 @@
 # whose image has its own jax (never replaced): the packages it lacks travel as wheels in
 # .whl/ and go to /tmp/site on PYTHONPATH (see the workplace's device notes).
 #   bash benchmarks/device_check.sh   # writes $OUT/*.json and $OUT/log
-#   CHECKS="step_cost loop" bash benchmarks/device_check.sh   # a subset (main, loop, step_cost)
+#   CHECKS="step_cost loop" bash benchmarks/device_check.sh   # a subset (main, loop, step_cost, recipe)
 set -uo pipefail
 OUT=${OUT:-/tmp/device_check}; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -60,5 +60,14 @@ step_cost)
 STEP_COST_ONLY=${STEP_COST_ONLY:-sgd,sam,asam,imbsam,sse_sam_stage1,sse_sam_stage2,sse_sam_stage1_reuse,sse_sam_stage2_reuse,focal_sam,shot_sam} \
   timeout 330 python3 benchmarks/step_cost.py --model resnet34_cifar --batch 64 --rounds 10 \
   --out "$OUT/step_cost_gpu.json"
+;;
+recipe)
+# The paper's CIFAR-100-LT recipe end to end (benchmarks/full_recipe.py): 2 epochs at the
+# real sizes in float32 and in bfloat16, extrapolated to 200 (targets on an H100-class
+# GPU: <= 15 min float32, <= 8 min bfloat16).
+for precision in float32 bfloat16; do
+  python3 benchmarks/full_recipe.py --epochs 2 --precision "$precision" \
+    --out "$OUT/full_recipe_$precision.json" 2>&1 | grep -v -i warn | tail -3
+done
 ;;
 esac; done

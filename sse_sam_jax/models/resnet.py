@@ -74,6 +74,13 @@ def classifier(in_features: int, num_classes: int, normed: bool, rngs: nnx.Rngs)
   return nnx.Linear(in_features, num_classes, rngs=rngs)
 
 
+def projection(in_f: int, out_f: int, stride: int, rngs: nnx.Rngs, needed: bool):
+  """A residual block's projection shortcut, 1x1 conv + BN, or ``(None, None)``."""
+  if not needed:
+    return None, None
+  return conv(in_f, out_f, 1, stride, rngs), batch_norm(out_f, rngs)
+
+
 class BasicBlock(nnx.Module):
   """3x3-3x3 residual block. ``shortcut='A'``: parameter-free subsample + zero-pad
   (He et al. 2016, CIFAR; LDAM-DRW's ResNet-32); ``'B'``: 1x1 conv + BN."""
@@ -86,12 +93,8 @@ class BasicBlock(nnx.Module):
     self.stride, self.pad = stride, out_f - in_f
     self.shortcut_kind = shortcut
     needs_projection = stride != 1 or in_f != out_f
-    if shortcut == 'B' and needs_projection:
-      self.proj_conv = conv(in_f, out_f, 1, stride, rngs)
-      self.proj_bn = batch_norm(out_f, rngs)
-    else:
-      self.proj_conv = None
-      self.proj_bn = None
+    self.proj_conv, self.proj_bn = projection(in_f, out_f, stride, rngs,
+                                              shortcut == 'B' and needs_projection)
 
   def _shortcut(self, x):
     if self.proj_conv is not None:
@@ -118,12 +121,8 @@ class Bottleneck(nnx.Module):
     self.bn2 = batch_norm(planes, rngs)
     self.conv3 = conv(planes, out_f, 1, 1, rngs)
     self.bn3 = batch_norm(out_f, rngs)
-    if stride != 1 or in_f != out_f:
-      self.proj_conv = conv(in_f, out_f, 1, stride, rngs)
-      self.proj_bn = batch_norm(out_f, rngs)
-    else:
-      self.proj_conv = None
-      self.proj_bn = None
+    self.proj_conv, self.proj_bn = projection(in_f, out_f, stride, rngs,
+                                              stride != 1 or in_f != out_f)
 
   def __call__(self, x):
     y = nnx.relu(self.bn1(self.conv1(x)))

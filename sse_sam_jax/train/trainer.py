@@ -35,11 +35,11 @@ from sse_sam_jax.train.checkpointing import Checkpoints
 from sse_sam_jax.train.compiled_step import CompiledTrainStep, compiler_options
 from sse_sam_jax.train.executable_cache import ExecutableCache
 from sse_sam_jax.train.periodic import (
-  Checkpointer,
-  Evaluation,
-  HessianProbe,
-  MetricReport,
-  sigterm_flag,
+    Checkpointer,
+    Evaluation,
+    HessianProbe,
+    MetricReport,
+    sigterm_flag,
 )
 from sse_sam_jax.train.run_log import MetricLog, plot_per_class
 
@@ -56,7 +56,8 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
   ``restart`` moves an existing run aside and starts fresh. ``stop_after_steps``
   stops early (as if killed) after that many steps; for tests. Returns the
   final metrics (test, and val if held out); ``{'stopped_at': step, 'compile_s': ...}`` for a
-  run stopped early or by SIGTERM (``'preempted': True``).
+  run stopped early, by SIGTERM (``'preempted': True``) or by Ctrl-C (``'interrupted':
+  True``), both after saving a checkpoint at that step.
   """
   logs.ensure_setup()
   config_lib.validate(c)
