@@ -1,5 +1,5 @@
-r"""Focal-SAM (Li et al., 2025, arXiv:2505.01660): class-weighted sharpness in one
-perturbed pass."""
+r"""Focal-SAM (Li et al., 2025, `arXiv:2505.01660 <https://arxiv.org/abs/2505.01660>`_):
+class-weighted sharpness in one perturbed pass."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def focal_sam(rho: Radius, *, lam: float, gamma: float, class_counts, mask=None,
               adaptive_eta: float | None = None,
               sharpness_steps: SharpnessSteps | None = None,
               ) -> optax.GradientTransformationExtraArgs:
-  r"""Focal-SAM (Li et al., ICML 2025, Algorithm 1): class-wise sharpness weighted by
+  r"""Focal-SAM (Li et al., ICML 2025, `arXiv:2505.01660 <https://arxiv.org/abs/2505.01660>`_,
+  Algorithm 1): class-wise sharpness weighted by
   :math:`(1 - \pi_c)^\gamma`, at the cost of one perturbed pass.
 
   With :math:`L = \tfrac1B\sum_i l_i` and the focal loss

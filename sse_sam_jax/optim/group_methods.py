@@ -1,4 +1,5 @@
-r"""Group-wise SAM and ImbSAM (Zhou et al., 2023, arXiv:2308.07815): one perturbation
+r"""Group-wise SAM and ImbSAM (Zhou et al., 2023,
+`arXiv:2308.07815 <https://arxiv.org/abs/2308.07815>`_): one perturbation
 per group of examples (head, tail, or any grouping), one shared clean pass."""
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ def imbsam(rho: Radius, *, normalization: str = 'batch', tail_weight: float = 1.
            tail_classes=None, mask=None, adaptive_eta: float | None = None,
            sharpness_steps: SharpnessSteps | None = None,
            ) -> optax.GradientTransformationExtraArgs:
-  r"""ImbSAM (Zhou et al., 2023): only the tail group is perturbed.
+  r"""ImbSAM (Zhou et al., ICCV 2023, `arXiv:2308.07815
+  <https://arxiv.org/abs/2308.07815>`_): only the tail group is perturbed.
 
   .. math::
     g = \nabla L_H(w) + \nabla L_T\big(w + \rho\, \nabla L_T(w) / \lVert \nabla L_T(w) \rVert\big).

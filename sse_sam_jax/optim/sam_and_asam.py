@@ -1,5 +1,6 @@
-r"""SAM (Foret et al., 2021, arXiv:2010.01412) and ASAM (Kwon et al., 2021,
-arXiv:2102.11600): one perturbation from the whole batch's gradient."""
+r"""SAM (Foret et al., 2021, `arXiv:2010.01412 <https://arxiv.org/abs/2010.01412>`_) and
+ASAM (Kwon et al., 2021, `arXiv:2102.11600 <https://arxiv.org/abs/2102.11600>`_): one
+perturbation from the whole batch's gradient."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from sse_sam_jax.optim.sharpness_aware import (
 
 def sam(rho: Radius, *, mask=None, adaptive_eta: float | None = None,
         sharpness_steps: SharpnessSteps | None = None) -> optax.GradientTransformationExtraArgs:
-  r"""Sharpness-Aware Minimization (Foret et al., 2021).
+  r"""Sharpness-Aware Minimization (Foret et al., ICLR 2021, `arXiv:2010.01412
+  <https://arxiv.org/abs/2010.01412>`_).
 
   .. math::
     g = \nabla L\big(w + \rho\, \nabla L(w) / \lVert \nabla L(w) \rVert\big),
@@ -102,7 +104,8 @@ sam.__doc__ = (sam.__doc__ or '').replace('{extra}', core._EXTRA_ARGS_DOC)
 
 def asam(rho: Radius = 0.5, *, eta: float = ASAM_ETA, mask=None,
          sharpness_steps: SharpnessSteps | None = None) -> optax.GradientTransformationExtraArgs:
-  r"""Adaptive SAM (Kwon et al., 2021) with the paper's defaults (``rho=0.5``, ``eta=0.01``).
+  r"""Adaptive SAM (Kwon et al., ICML 2021, `arXiv:2102.11600
+  <https://arxiv.org/abs/2102.11600>`_) with the paper's defaults (``rho=0.5``, ``eta=0.01``).
 
   :func:`sam` with ``adaptive_eta=eta``: the ascent step is
   :math:`\rho\, T_w^2 g / \lVert T_w g\rVert`, :math:`T_w = |w| + \eta` element-wise

@@ -7,7 +7,7 @@ kinds:
 
 * a **sharpness step** (the transform's exact rule, all its passes), on which the
   sharpness component of the direction is stored (LookSAM, Liu et al. 2022,
-  Algorithm 1):
+  `arXiv:2203.02714 <https://arxiv.org/abs/2203.02714>`_, Algorithm 1):
 
   .. math::
     g_v = g_s - \frac{\langle g, g_s\rangle}{\lVert g\rVert^2}\, g,
@@ -92,7 +92,8 @@ SCALES = ('looksam', 'measured')
 
 
 def looksam(every: int = 5, alpha: float = 0.7) -> SharpnessSteps:
-  """LookSAM's schedule (Liu et al., 2022): a sharpness step every ``every`` steps,
+  """LookSAM's schedule (Liu et al., CVPR 2022, `arXiv:2203.02714
+  <https://arxiv.org/abs/2203.02714>`_): a sharpness step every ``every`` steps,
   the sharpness component reused with weight ``alpha`` in between."""
   return _validated(SharpnessSteps(every=every, fraction=1.0, alpha=alpha))
 

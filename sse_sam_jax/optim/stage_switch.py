@@ -1,4 +1,5 @@
-r"""A stage switch: pick a gradient transformation by step count, and SSE-SAM.
+r"""A stage switch: pick a gradient transformation by step count, and SSE-SAM (Lyu et al.,
+AAAI 2025, `arXiv:2412.13715 <https://arxiv.org/abs/2412.13715>`_).
 
 :func:`stage_switch` runs ``transforms[i]`` while
 ``boundaries[i-1] <= count < boundaries[i]``. The choice is a ``lax.switch``
@@ -190,7 +191,8 @@ def sse_sam(head_rho: Radius, tail_rho: Radius, switch_step: int, *,
             tail_classes=None, mask=None, adaptive_eta: float | None = None,
             sharpness_steps: SharpnessSteps | None = None,
             ) -> optax.GradientTransformationExtraArgs:
-  r"""SSE-SAM: separate head/tail perturbations, then tail-only (ImbSAM).
+  r"""SSE-SAM (Lyu et al., AAAI 2025, `arXiv:2412.13715 <https://arxiv.org/abs/2412.13715>`_):
+  separate head/tail perturbations, then tail-only (ImbSAM).
 
   Stage 1 (steps ``< switch_step``):
 
