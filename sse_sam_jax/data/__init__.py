@@ -2,7 +2,9 @@
 
 from sse_sam_jax.data.pipeline import (
     BatchSpec,
+    check_batch_order,
     eval_batches,
+    load_batch_order,
     train_batches,
     wait_for_shared_memory_release,
 )
@@ -33,10 +35,12 @@ __all__ = [
     'LongTailData',
     'SHOT_THRESHOLDS',
     'Split',
+    'check_batch_order',
     'eval_batches',
     'hold_out',
     'imagenet_lt',
     'inaturalist2018',
+    'load_batch_order',
     'long_tail_counts',
     'make_long_tailed',
     'mnist1d_long_tail',

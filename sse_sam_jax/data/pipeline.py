@@ -51,13 +51,16 @@ class _MakeBatch:
   """Picklable map: global step index -> batch dict (for grain workers)."""
 
   def __init__(self, split: Split, spec: BatchSpec, seed: int, augment: BatchAugment | None,
-               process_index: int, process_count: int):
+               process_index: int, process_count: int, order: np.ndarray | None = None):
     self.split, self.spec, self.seed, self.augment = split, spec, seed, augment
+    self.order = order
     self.process_index, self.process_count = process_index, process_count
     self.steps_per_epoch = spec.steps_per_epoch(len(split))
     self._permutations = {}  # epoch -> permutation: the current and the next epoch's
 
   def _permutation(self, epoch: int) -> np.ndarray:
+    if self.order is not None:
+      return self.order[epoch]
     if epoch not in self._permutations:
       while len(self._permutations) >= 2:
         self._permutations.pop(min(self._permutations))
@@ -86,15 +89,20 @@ class _MakeBatch:
 def train_batches(split: Split, spec: BatchSpec, *, num_epochs: int, seed: int,
                   augment: BatchAugment | None = None, num_workers: int = 0,
                   prefetch_batches: int = 2, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
+                  process_count: int = 1, order: np.ndarray | None = None) -> grain.IterDataset:
   """A grain ``IterDataset`` of all training batches; ``iter()`` it and keep its state.
+
+  ``order`` (int ``[num_epochs, N]``, see :func:`load_batch_order`): epoch ``e`` takes
+  the examples in the order of row ``e`` instead of the seeded permutation.
 
   ``prefetch_batches`` batches are made ahead, in as many threads (0: each when it is
   asked for). Grain's default read-ahead is 500 elements in 16 threads: for our
   elements, whole batches, that held 740 MB of CIFAR batches one batch into a run (an
   ImageNet batch of 256 is 154 MB) and kept 16 threads competing with the step.
   """
-  make = _MakeBatch(split, spec, seed, augment, process_index, process_count)
+  if order is not None:
+    order = check_batch_order(order, num_epochs, len(split))
+  make = _MakeBatch(split, spec, seed, augment, process_index, process_count, order)
   read = grain.ReadOptions(num_threads=prefetch_batches, prefetch_buffer_size=prefetch_batches)
   ds = grain.MapDataset.range(num_epochs * make.steps_per_epoch).map(make).to_iter_dataset(read)
   if num_workers > 0:
@@ -103,6 +111,33 @@ def train_batches(split: Split, spec: BatchSpec, *, num_epochs: int, seed: int,
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return ds
+
+
+def check_batch_order(order, num_epochs: int, n: int, source: str = 'batch order'
+                      ) -> np.ndarray:
+  """``order`` as int64 ``[num_epochs, n]`` if each of its first ``num_epochs`` rows is a
+  permutation of ``range(n)``; ``ValueError`` saying what is wrong otherwise."""
+  order = np.asarray(order)
+  if order.ndim != 2 or order.shape[0] < num_epochs or order.shape[1] != n:
+    raise ValueError(f'{source}: expected [epochs >= {num_epochs}, {n}] example indices '
+                     f'(one row per epoch), got shape {list(order.shape)}.')
+  if not np.issubdtype(order.dtype, np.integer):
+    raise ValueError(f'{source}: example indices must be integers, got {order.dtype}.')
+  order = order[:num_epochs].astype(np.int64)
+  for e, row in enumerate(order):
+    if not np.array_equal(np.sort(row), np.arange(n)):
+      raise ValueError(f'{source}: row {e} is not a permutation of the {n} training examples.')
+  return order
+
+
+def load_batch_order(path, num_epochs: int, n: int) -> np.ndarray:
+  """The ``.npy`` of ``data.batch_order``, checked (:func:`check_batch_order`)."""
+  try:
+    order = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'data.batch_order: cannot read {path} ({e}); it must be a .npy of '
+                     f'[epochs, {n}] example indices.') from None
+  return check_batch_order(order, num_epochs, n, f'data.batch_order {path}')
 
 
 def eval_batches(split: Split, batch_size: int, transform=None):

@@ -246,14 +246,15 @@ def mnist1d_long_tail(*, iid_noise_scale: float = 0.07, imbalance_factor: float 
                       num_samples: int = 62500, seed: int = 42, n_max: int = 5000,
                       selection_seed: int = 0, val_fraction: float = 0.0,
                       val_generated: int = 0, val_seed: int = 43,
-                      standardize: bool = True) -> LongTailData:
+                      standardize: bool = True, dtype=np.float32) -> LongTailData:
   """MNIST-1D generated offline (``mnist1d.data.make_dataset``), made long-tailed.
 
   Defaults are the offline benchmark (setting B of ``shared/offline_benchmark.md``):
   62,500 samples with seed 42 (50,000 train / 12,500 test, length 40), the
   LDAM-DRW profile with IF 100 and ``n_max`` 5000 (12,406 train examples),
   inputs standardised by the scalar mean/std of the long-tailed train set.
-  ``iid_noise_scale=0.02`` is setting A (saturated). ``val_fraction`` holds out a
+  ``dtype``: of the inputs, which are standardised in it (float64 for float64 replays
+  of a reference). ``iid_noise_scale=0.02`` is setting A (saturated). ``val_fraction`` holds out a
   validation split from the long-tailed train set (default 0: as the reference).
 
   ``val_generated > 0`` instead draws a large, balanced validation split from the same
@@ -268,17 +269,17 @@ def mnist1d_long_tail(*, iid_noise_scale: float = 0.07, imbalance_factor: float 
     raise ValueError(f'val_seed {val_seed} equals the data seed: the validation split would '
                      'repeat the training examples.')
   raw = _mnist1d_raw(num_samples, seed, iid_noise_scale)
-  train = Split(raw['x'].astype(np.float32), raw['y'], 10, 'mnist1d')
-  test = Split(raw['x_test'].astype(np.float32), raw['y_test'], 10, 'mnist1d-test')
+  train = Split(raw['x'].astype(dtype), raw['y'], 10, 'mnist1d')
+  test = Split(raw['x_test'].astype(dtype), raw['y_test'], 10, 'mnist1d-test')
   train = make_long_tailed(train, imbalance_factor, seed=selection_seed, n_max=n_max)
   train, val = hold_out(train, val_fraction, selection_seed)
   if val_generated:
     extra = _mnist1d_raw(int(val_generated), val_seed, iid_noise_scale)
-    val = Split(np.concatenate([extra['x'], extra['x_test']]).astype(np.float32),
+    val = Split(np.concatenate([extra['x'], extra['x_test']]).astype(dtype),
                 np.concatenate([extra['y'], extra['y_test']]), 10, 'mnist1d-val')
   if standardize:
     mean, std = float(train.x.mean()), float(train.x.std())
     for s in (train, test, val):
       if s is not None:
-        s.x = ((s.x - mean) / std).astype(np.float32)
+        s.x = ((s.x - mean) / std).astype(dtype)
   return LongTailData(train, test, val, 'mnist1d')

@@ -3,6 +3,8 @@ and the head/tail Hessian probe the training loop runs."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from sse_sam_jax import data as data_lib
@@ -29,6 +31,16 @@ def head_tail_extremes(run: setup.Run, state, split: data_lib.Split, eta: float,
   return {f'hessian_{g}_{k}': spectra[g][k] for g in spectra for k in ('lambda_min', 'lambda_max')}
 
 
+def _in_precision(fn):
+  """Runs ``fn(c, ...)`` in the run's precision (:func:`sse_sam_jax.train.setup.precision`)."""
+  @functools.wraps(fn)
+  def wrapped(c, *args, **kwargs):
+    with setup.precision(c):
+      return fn(c, *args, **kwargs)
+  return wrapped
+
+
+@_in_precision
 def hessian_of_checkpoint(c, workdir, *, groups: str = 'head_tail', split: str = 'train',
                           lanczos_iters: int = 40, trace_probes: int = 20, slq_probes: int = 2,
                           max_examples: int = 4096, seed: int = 0,
@@ -57,6 +69,7 @@ def hessian_of_checkpoint(c, workdir, *, groups: str = 'head_tail', split: str =
   return {'spectra': result, 'table': '\n'.join(lines), 'path': str(path)}
 
 
+@_in_precision
 def evaluate_checkpoint(c, workdir, which: str = 'best') -> dict:
   """Evaluates the best (else the last) checkpoint of ``workdir`` on val and test
   (any optimizer's or scope's checkpoint of this config's model, see :func:`restore_model`)."""

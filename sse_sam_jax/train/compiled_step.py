@@ -8,6 +8,7 @@ import concurrent.futures
 import functools
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,8 @@ class CompiledTrainStep:
   (``step -> True / False / None``, e.g. ``functools.partial(ssj.sharpness_step_at,
   direction)``) picks the kind of a single step on the host, one program per
   kind, as for stages; a dispatch of several steps leaves the choice to the
-  program (``lax.cond``). ``running_stats`` is passed to :func:`train_step`.
+  program (``lax.cond``). ``running_stats`` is passed to :func:`train_step`; a callable
+  ``stage -> running_stats`` gives each stage's (a reference's pass order per stage).
 
   Building in the background: :meth:`precompile` with ``background_threads=n`` builds
   only the first program it is given before it returns; it traces and lowers every
@@ -88,7 +90,7 @@ class CompiledTrainStep:
   def __init__(self, model, tx, loss: PerExampleLoss, class_groups=None, *,
                boundaries=(), state_sharding=None, batch_sharding=None,
                per_device_axis: str | None = None, microbatch: int | None = None,
-               sharpness_step_at=None, running_stats: str = 'clean',
+               sharpness_step_at=None, running_stats: str | tuple | Callable = 'clean',
                executable_cache=None, compiler_options: dict | None = None):
     self.executable_cache = executable_cache
     self.compiler_options = dict(compiler_options or {})
@@ -105,7 +107,9 @@ class CompiledTrainStep:
       fn = functools.partial(train_step, model=model, tx=tx, loss=loss,
                              class_groups=class_groups,
                              stage=stage if self.num_stages > 1 else None,
-                             sharpness_step=kind, running_stats=running_stats)
+                             sharpness_step=kind,
+                             running_stats=running_stats(stage) if callable(running_stats)
+                             else running_stats)
       if microbatch:
         fn = per_microbatch(fn, microbatch)
       if per_device_axis is not None:

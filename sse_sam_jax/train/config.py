@@ -25,6 +25,7 @@ OPTIMIZERS = ('sgd', 'sam', 'asam', 'imbsam', 'group_sam', 'sse_sam', 'sam_then_
               'shot_sam', 'focal_sam')
 BASE_OPTIMIZERS = ('sgd', 'nesterov', 'adamw')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+PARAM_DTYPES = ('float32', 'float64')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -48,16 +49,25 @@ def default_config() -> ml_collections.ConfigDict:
       pad_last_batch=True,
       # batches made ahead of the loop, in as many threads (per worker process with
       # num_workers > 0); 0: each batch is made in the loop's thread when it is due
-      prefetch_batches=2))
-  # running_stats: BatchNorm running statistics from the 'clean' pass (default) or from
-  # the step's 'last_perturbed' pass (what the authors' PyTorch loop folds in last).
+      prefetch_batches=2,
+      # a .npy [epochs, N] of training-example indices: epoch e's order, instead of the
+      # seeded shuffle (a fixed order for debugging, or a reference's order to replay)
+      batch_order=''))
+  # running_stats: BatchNorm running statistics from the 'clean' pass (default), from
+  # the step's 'last_perturbed' pass, or from 'every_pass' as the authors' PyTorch loop
+  # keeps them (every forward pass folded in, in the reference's order, unbiased variance).
   # init: 'flax' (Flax's defaults: LeCun-normal dense kernels, zero biases) or 'torch'
   # (PyTorch's: every kernel and bias uniform in +-1/sqrt(fan_in)); conv1d and mlp only.
   # compute_dtype: 'float32' (everything in float32), or 'bfloat16': convolutions and
   # dense layers in bfloat16, BatchNorm, the loss, parameters and optimizer in float32.
+  # param_dtype: 'float64' runs parameters, data and every computation in float64 (JAX's
+  # x64 mode; for replaying float64 references). init_from: an .npz of initial
+  # parameters and BatchNorm statistics (sse_sam_jax.models.save_weights) instead of
+  # the seeded initialisation.
   c.model = ml_collections.ConfigDict(dict(name='conv1d', normed_classifier=False,
                                            running_stats='clean', init='flax',
-                                           compute_dtype='float32'))
+                                           compute_dtype='float32', param_dtype='float32',
+                                           init_from=''))
   c.loss = ml_collections.ConfigDict(dict(
       name='ce', drw_epoch=-1, drw_beta=0.9999, ldam_max_margin=0.5, ldam_scale=30.0,
       tau=1.0, vs_gamma=0.2,
@@ -149,6 +159,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f'{c.epochs}.')
   check(c.model.compute_dtype in COMPUTE_DTYPES, f'model.compute_dtype must be one of '
         f'{COMPUTE_DTYPES}, got {c.model.compute_dtype!r}.')
+  check(c.model.param_dtype in PARAM_DTYPES, f'model.param_dtype must be one of '
+        f'{PARAM_DTYPES}, got {c.model.param_dtype!r}.')
+  check(c.model.param_dtype == 'float32' or c.model.compute_dtype == 'float32',
+        "model.param_dtype='float64' computes in float64; it takes no "
+        "model.compute_dtype='bfloat16'.")
   check(c.data.name in DATASETS, f'unknown dataset {c.data.name!r}; choose one of {DATASETS}.')
   check(c.model.name in MODELS, f'unknown model {c.model.name!r}; choose one of {MODELS}.')
   check(c.loss.name in losses_lib.LOSSES,
@@ -190,6 +205,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.model.running_stats in RUNNING_STATS,
         f'model.running_stats must be one of {RUNNING_STATS}, got {c.model.running_stats!r}.')
   reuse = o.sharpness_every > 1 or o.sharpness_fraction < 1
+  check(not (reuse and c.model.running_stats == 'every_pass'),
+        "model.running_stats='every_pass' follows the references' passes, which have no "
+        'cheaper sharpness steps (optimizer.sharpness_every / sharpness_fraction).')
   check(not (reuse and c.model.running_stats == 'last_perturbed' and c.steps_per_dispatch > 1),
         "model.running_stats='last_perturbed' with cheaper sharpness steps needs "
         'steps_per_dispatch=1 (the kind of every step is then chosen on the host).')

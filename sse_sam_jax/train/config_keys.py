@@ -37,14 +37,23 @@ MEANINGS = {
     'data.pad_last_batch': "Run the epoch's partial batch padded, with a mask, in the full "
                            "batch's program (the same step to float rounding; one program per "
                            'stage instead of two).',
+    'data.batch_order': 'A .npy [epochs, N] of training-example indices, row e the order of '
+                        "epoch e, instead of the seeded shuffle; '': the shuffle.",
     'data.prefetch_batches': 'Batches made ahead of the loop in as many threads (0: in the '
                              "loop's thread).",
     # model
     'model.name': "The network: 'conv1d', 'mlp', 'resnet32', 'resnet34_cifar', 'resnet50'.",
     'model.normed_classifier': "Cosine classifier (LDAM's NormedLinear) instead of a dense one.",
-    'model.running_stats': "BatchNorm running statistics from the 'clean' pass or from the "
-                           "step's 'last_perturbed' pass (what the authors' PyTorch loop "
-                           'folds in last).',
+    'model.running_stats': "BatchNorm running statistics from the 'clean' pass, from the "
+                           "step's 'last_perturbed' pass, or from 'every_pass' as the "
+                           "authors' PyTorch loop keeps them: every forward pass of the "
+                           "reference's step folded in, in its order, with the unbiased "
+                           'batch variance.',
+    'model.param_dtype': "'float32', or 'float64': parameters, data and every computation in "
+                         "float64 (JAX's x64 mode), for replaying float64 references.",
+    'model.init_from': 'An .npz of initial parameters and BatchNorm statistics '
+                       '(models.save_weights; foreign weights converted to its names) '
+                       "instead of the seeded initialisation; '': none.",
     'model.compute_dtype': "'float32', or 'bfloat16' (mixed precision): convolutions and dense "
                            'layers in bfloat16; BatchNorm, the loss, parameters, optimizer '
                            'state and the update in float32.',

@@ -125,7 +125,7 @@ def device_batch(batches: list, step: int, run: setup.Run):
     size = run.spec.batch_size // jax.process_count()  # this host's rows of a full batch
     shards = run.mesh.devices.size // jax.process_count()
     batches = [pad(b, size, shards) for b in batches]
-  host = {'x': np.stack([b['x'] for b in batches]).astype(np.float32, copy=False),
+  host = {'x': np.stack([b['x'] for b in batches]).astype(run.input_dtype, copy=False),
           'label': np.stack([b['label'] for b in batches]).astype(np.int32, copy=False)}
   if run.pads_last_batch:
     host['mask'] = np.stack([b['mask'] for b in batches])

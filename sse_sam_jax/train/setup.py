@@ -11,6 +11,7 @@ compiles.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -30,15 +31,35 @@ from sse_sam_jax.train import sharding as sharding_lib
 from sse_sam_jax.train.step import MICROBATCH_AXIS, init_state
 
 
+def precision(c):
+  """The context a run of ``c`` builds and runs in: JAX's x64 mode for
+  ``model.param_dtype='float64'`` (nothing otherwise). Wrap everything that builds,
+  compiles or runs the run's arrays in it."""
+  if c.model.param_dtype != 'float64':
+    return contextlib.nullcontext()
+  return jax.enable_x64(True)
+
+
 def build_data(c) -> data_lib.LongTailData:
-  """The config's dataset as long-tailed train / test (/ val) splits."""
+  """The config's dataset as long-tailed train / test (/ val) splits (float64 inputs
+  with ``model.param_dtype='float64'``)."""
+  lt = _build_data(c)
+  if c.model.param_dtype == 'float64':
+    for s in (lt.train, lt.test, lt.val):
+      if s is not None and isinstance(s.x, np.ndarray) and s.x.dtype == np.float32:
+        s.x = s.x.astype(np.float64)
+  return lt
+
+
+def _build_data(c) -> data_lib.LongTailData:
   d = c.data
   if d.name == 'mnist1d':
     return data_lib.mnist1d_long_tail(iid_noise_scale=d.iid_noise_scale,
                                       imbalance_factor=d.imbalance_factor,
                                       num_samples=d.num_samples, n_max=d.n_max,
                                       val_fraction=d.val_fraction,
-                                      val_generated=d.val_generated)
+                                      val_generated=d.val_generated,
+                                      dtype=np.dtype(c.model.param_dtype))
   if d.name in ('cifar10', 'cifar100'):
     lt = data_lib.tfds_long_tail(d.name, d.imbalance_factor, data_dir=d.data_dir or None,
                                  profile=d.profile, selection=d.selection,
@@ -276,6 +297,8 @@ class Run:
   scope: ScopePlan
   direction: optax.GradientTransformation | None = None  # the SAM-family transform
   pads_last_batch: bool = False  # the partial batch runs padded in the full batch's program
+  running_stats: object = 'clean'  # train_step's running_stats, or stage -> it
+  input_dtype: type = np.float32  # of the batches' x (float64 with model.param_dtype)
 
   def sharpness_step_at(self, step: int) -> bool | None:
     """Whether ``step`` runs the perturbed passes (``None``: every step does)."""
@@ -301,6 +324,13 @@ def prepare(c) -> Run:
   compute_dtype = None if c.model.compute_dtype == 'float32' else jnp.dtype(c.model.compute_dtype)
   model, params, batch_stats = models.create(c.model.name, lt.train.num_classes, seed=c.seed,
                                              compute_dtype=compute_dtype, **model_kw)
+  if c.model.running_stats == 'every_pass':
+    model = dataclasses.replace(model, running_variance='unbiased')
+  if c.model.param_dtype == 'float64':
+    params, batch_stats = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                                       (params, batch_stats))
+  if c.model.init_from:
+    params, batch_stats = models.load_weights(c.model.init_from, params, batch_stats)
   loss = build_loss(c, stats, steps_per_epoch)
   tx, boundaries, direction = build_optimizer(c, steps_per_epoch, stats)
   state = init_state(params, batch_stats, tx)
@@ -311,7 +341,33 @@ def prepare(c) -> Run:
           and model.masks_padding)
   return Run(lt, stats, class_groups, spec, steps_per_epoch, mesh, state_sharding,
              sharding_lib.batch_sharding(mesh), model, state, loss, tx, boundaries,
-             scope_plan(c), direction, pads)
+             scope_plan(c), direction, pads, running_stats_plan(c),
+             np.dtype(c.model.param_dtype).type)
+
+
+def running_stats_plan(c):
+  """``train_step``'s ``running_stats`` for the config: ``model.running_stats`` as it is,
+  or for ``'every_pass'`` a function of the stage giving the order of the forward passes
+  of the authors' PyTorch step, every one of which updates the running statistics:
+  SGD one pass at ``w``; SAM, ASAM, Focal-SAM and ImbSAM a pass at ``w`` and one at the
+  perturbed weights; SSE-SAM per group (head, then tail) a pass at ``w`` and one at
+  ``w + eps_group``. A radius of 0 (SSE-SAM's head in stage 2) still runs its pass in
+  the reference, at ``w + 0``: the clean pass's statistics again. Other optimizers: the
+  clean pass, then each perturbed pass."""
+  if c.model.running_stats != 'every_pass':
+    return c.model.running_stats
+  o = c.optimizer
+  at = lambda rho: 'perturbed' if rho > 0 else 'clean'
+  if o.name == 'sgd':
+    return lambda stage: ('clean',)
+  if o.name in ('sam', 'asam', 'focal_sam'):
+    return lambda stage: ('clean', at(o.rho))
+  if o.name == 'imbsam':
+    return lambda stage: ('clean', at(o.tail_rho))
+  if o.name == 'sse_sam':
+    # stage 0 (or None: one stage) perturbs the head; stage 1 does not
+    return lambda stage: ('clean', at(o.head_rho if not stage else 0.0), 'clean', at(o.tail_rho))
+  return 'every_pass'
 
 
 def pads_last_batch(c) -> bool:

@@ -34,12 +34,13 @@ def init_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainSt
                     opt_state=tx.init(params))
 
 
-RUNNING_STATS = ('clean', 'last_perturbed')
+RUNNING_STATS = ('clean', 'last_perturbed', 'every_pass')
+PASSES = ('clean', 'perturbed')
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLoss,
                class_groups=None, stage: int | None = None, sharpness_step: bool | None = None,
-               running_stats: str = 'clean'):
+               running_stats: str | tuple = 'clean'):
   """One optimization step. ``batch`` has ``'x'`` and ``'label'``.
 
   ``class_groups`` (int ``[C]``, head 0 / tail 1) gives every example its group
@@ -64,10 +65,15 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
   (``'clean'``, the default) or from the last perturbed pass of the step
   (``'last_perturbed'``; the clean pass's when the step has none), as the
   authors' PyTorch loop, whose every forward pass updates them, ends up with
-  the last pass's batch statistics folded in last.
+  the last pass's batch statistics folded in last. ``'every_pass'``: the statistics
+  of every pass folded in, in order (the clean pass, then each perturbed pass), as
+  that loop does (:meth:`~sse_sam_jax.models.FunctionalModel.fold_running_stats`);
+  or a tuple of ``'clean'`` / ``'perturbed'`` giving the order of the passes a
+  reference runs, each ``'perturbed'`` the next perturbed pass and each ``'clean'``
+  a pass at ``w`` (the clean pass's statistics: a reference that recomputes the
+  forward pass at ``w``, or runs one at a zero radius, folds them in again).
   """
-  if running_stats not in RUNNING_STATS:
-    raise ValueError(f'running_stats must be one of {RUNNING_STATS}, got {running_stats!r}.')
+  plan = _pass_plan(running_stats)
   x, labels, mask = batch['x'], batch['label'], batch.get('mask')
   if mask is None:
     apply = functools.partial(model.apply, train=True)
@@ -92,7 +98,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
     logits, new_stats = apply(params, state.batch_stats, x)
     return example_losses(logits), (logits, new_stats)
 
-  keep_perturbed = running_stats == 'last_perturbed'
+  keep_perturbed = running_stats != 'clean'
 
   def loss_fn(params):  # perturbed passes: full-batch BN statistics
     logits, stats = apply(params, state.batch_stats, x)
@@ -116,7 +122,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
   if keep_perturbed:
     extra['perturbed_aux'] = perturbed_stats
   updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
-  if perturbed_stats:
+  if plan is not None:
+    new_stats = _fold_passes(model, state.batch_stats, new_stats, perturbed_stats, plan)
+  elif perturbed_stats:
     new_stats = perturbed_stats[-1]
   params = optax.apply_updates(state.params, updates)
 
@@ -127,11 +135,39 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
     count = jnp.asarray(labels.shape[0], jnp.int32)
   else:  # the weighted losses sum to B / count times the real examples' sum
     loss_sum, hits = loss_sum * (count / labels.shape[0]), hits & mask
-  metrics = dict(loss_sum=loss_sum.astype(jnp.float32), correct=jnp.sum(hits).astype(jnp.int32),
+  metrics = dict(loss_sum=loss_sum.astype(jnp.result_type(jnp.float32, loss_sum.dtype)), correct=jnp.sum(hits).astype(jnp.int32),
                  count=count.astype(jnp.int32), finite=finite)
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=new_stats,
                          opt_state=opt_state)
   return new_state, metrics
+
+
+def _pass_plan(running_stats):
+  """``None`` for 'clean' / 'last_perturbed'; the order of passes otherwise."""
+  if isinstance(running_stats, str):
+    if running_stats not in RUNNING_STATS:
+      raise ValueError(f'running_stats must be one of {RUNNING_STATS} or a tuple of '
+                       f'{PASSES}, got {running_stats!r}.')
+    return () if running_stats == 'every_pass' else None
+  plan = tuple(running_stats)
+  if not plan or any(p not in PASSES for p in plan):
+    raise ValueError(f'running_stats: a pass order is a non-empty tuple of {PASSES}, got '
+                     f'{running_stats!r}.')
+  return plan
+
+
+def _fold_passes(model, old, clean, perturbed: list, plan: tuple):
+  """The running statistics after the passes of ``plan`` (``()``: the clean pass, then
+  every perturbed one)."""
+  if not plan:
+    plan = ('clean',) + ('perturbed',) * len(perturbed)
+  wanted = plan.count('perturbed')
+  if wanted != len(perturbed):
+    raise ValueError(f'running_stats: the pass order {plan} has {wanted} perturbed passes; '
+                     f'this step ran {len(perturbed)}.')
+  remaining = iter(perturbed)
+  return model.fold_running_stats(
+      old, [clean if p == 'clean' else next(remaining) for p in plan])
 
 
 MICROBATCH_AXIS = 'microbatch'

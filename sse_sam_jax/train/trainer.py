@@ -72,7 +72,8 @@ def train(c, workdir, *, progress: bool = True, stop_after_steps: int | None = N
     if finished is not None:
       logger.info('%s finished at step %d; its results:', workdir, finished['total_steps'])
       return finished
-    return _train(c, workdir, progress, stop_after_steps)
+    with setup.precision(c):
+      return _train(c, workdir, progress, stop_after_steps)
   finally:
     if lock is not None:
       lock.release()
@@ -91,7 +92,7 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
       run.model, run.tx, run.loss, run.class_groups, boundaries=run.boundaries,
       state_sharding=run.state_sharding, batch_sharding=run.batch_sharding,
       per_device_axis=run.scope.per_device_axis, microbatch=run.scope.microbatch,
-      sharpness_step_at=run.sharpness_step_at, running_stats=c.model.running_stats,
+      sharpness_step_at=run.sharpness_step_at, running_stats=run.running_stats,
       executable_cache=executables,
       compiler_options=compiler_options(c.cpu_convolutions))
   layout = dict(run.scope.layout(c, n_dev), model_signature=resume.model_signature(run.state))
@@ -105,8 +106,10 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
       state, data_state, _ = restored
       start_step = int(data_state['next_index'])
       logger.info('Resumed from step %d (epoch %d).', start_step, start_step // spe)
+    order = (data_lib.load_batch_order(c.data.batch_order, c.epochs, len(run.data.train))
+             if c.data.batch_order else None)
     batch_iter = iter(data_lib.train_batches(
-        run.data.train, run.spec, num_epochs=c.epochs, seed=c.seed,
+        run.data.train, run.spec, num_epochs=c.epochs, seed=c.seed, order=order,
         augment=augment_lib.pad_crop_flip if c.data.augment else None,  # lazy: RRC + flip
         num_workers=c.data.num_workers, prefetch_batches=c.data.prefetch_batches,
         process_index=jax.process_index(),
