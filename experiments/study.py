@@ -25,6 +25,11 @@ Parts (in queue order):
   controls  setting A's other anchor rows and batch-normalised ImbSAM (5 seeds); DRW and
             LDAM-DRW, alone and under SAM, ImbSAM and SSE-SAM (reference radii, 3 seeds);
             setting A's extras.
+  bn_passes the group-normalised rows of the anchor (ImbSAM rho 0.1, its rho-0 control run
+            as ImbSAM with radius 0 like the anchor's, group-normalised SSE-SAM), 6 seeds,
+            with BatchNorm's running statistics from the clean pass (the trainer's
+            default) and from every forward pass as the reference loop keeps them
+            (run names ending '@every': model.running_stats='every_pass').
 The seed counts are constants below: raise them and rerun to extend a part.
 """
 
@@ -56,6 +61,9 @@ CONTROL_SEEDS = tuple(range(5))  # the anchor's rows in setting A
 DRW_SEEDS = (0, 1, 2)  # DRW / LDAM-DRW under each optimizer; setting A's extras
 RADIUS_SCALES = (0.5, 1.0, 2.0)
 GAMMAS = (0.5, 0.9)  # beside the paper's 0.7
+BN_PASSES_SEEDS = tuple(range(6))
+BN_PASSES_RUNS = ('imbsam_gn', 'imbsam_gn@x0', 'sse_sam_gn')
+EVERY = '@every'  # run-name suffix: model.running_stats='every_pass'
 
 _GN = {'loss.group_normalised': True}
 _GROUP = {'optimizer.normalization': 'group'}
@@ -105,6 +113,7 @@ def config_name(method: str, scale: float = 1.0, gamma: float | None = None) -> 
 
 
 def parse_name(name: str) -> tuple[str, float, float | None]:
+  name = name.removesuffix(EVERY)
   method, scale, gamma = name.split('@')[0], 1.0, None
   for part in name.split('@')[1:]:
     if part.startswith('x'):
@@ -116,6 +125,10 @@ def parse_name(name: str) -> tuple[str, float, float | None]:
 
 def overrides(run: str) -> tuple[str, dict]:
   """The description and config overrides of a run name."""
+  if run.endswith(EVERY):
+    desc, extra = overrides(run[:-len(EVERY)])
+    return (desc + ', BatchNorm running statistics from every pass',
+            {**extra, 'model.running_stats': 'every_pass'})
   if run in CONTROLS:
     return CONTROLS[run]
   method, scale, gamma = parse_name(run)
@@ -230,6 +243,9 @@ def jobs(parts) -> list[tuple[str, str, int]]:
             for s in CONTROL_SEEDS]
     out += [('B', run, s) for run in CONTROLS if '@' not in run for s in DRW_SEEDS]
     out += [('A', run, s) for run in ('sse_sam_gn', 'sam_gn') for s in DRW_SEEDS]
+  if 'bn_passes' in parts:
+    out += [('B', run + suffix, s) for s in BN_PASSES_SEEDS for run in BN_PASSES_RUNS
+            for suffix in ('', EVERY)]
   return out
 
 
@@ -336,7 +352,7 @@ def write_study_csvs() -> None:
     print(f'wrote {path} ({len(table)} runs)')
 
 
-PARTS = ('offset', 'tune', 'final', 'controls')
+PARTS = ('offset', 'tune', 'final', 'controls', 'bn_passes')
 WALL_CSV = RESULTS / 'study_wall.csv'
 
 
