@@ -3,6 +3,7 @@
   python experiments/study.py run --workers 2                 # every part, both cores
   python experiments/study.py run --parts offset tune         # some parts (each < 2 h)
   python experiments/study.py csv                             # per-seed rows -> study_<S>.csv
+  python experiments/study.py reproduce B imbsam_gn@x0 0     # rerun a committed row, compare
   python experiments/study_report.py                          # STUDY.md from the CSVs alone
 
 Every run is a training of ``sse_sam_jax.train.trainer`` with the offline benchmark's
@@ -30,6 +31,8 @@ Parts (in queue order):
             with BatchNorm's running statistics from the clean pass (the trainer's
             default) and from every forward pass as the reference loop keeps them
             (run names ending '@every': model.running_stats='every_pass').
+  bf16      SSE-SAM (as published) and group-normalised ImbSAM, 5 seeds, in float32 and
+            with bfloat16 compute (run names ending '@bf16': model.compute_dtype).
 The seed counts are constants below: raise them and rerun to extend a part.
 """
 
@@ -63,7 +66,19 @@ RADIUS_SCALES = (0.5, 1.0, 2.0)
 GAMMAS = (0.5, 0.9)  # beside the paper's 0.7
 BN_PASSES_SEEDS = tuple(range(6))
 BN_PASSES_RUNS = ('imbsam_gn', 'imbsam_gn@x0', 'sse_sam_gn')
-EVERY = '@every'  # run-name suffix: model.running_stats='every_pass'
+BF16_SEEDS = tuple(range(5))
+BF16_RUNS = ('sse_sam', 'imbsam_gn')
+# run-name suffixes of the parts that compare two settings of one key (their rows go to
+# their own CSVs): what each adds to the description and the overrides
+SUFFIXES = {
+    '@clean': (', BatchNorm running statistics from the clean pass',
+               {'model.running_stats': 'clean'}),
+    '@every': (', BatchNorm running statistics from every pass',
+               {'model.running_stats': 'every_pass'}),
+    '@f32': (', float32', {'model.compute_dtype': 'float32'}),
+    '@bf16': (', bfloat16 compute', {'model.compute_dtype': 'bfloat16'}),
+}
+PART_SUFFIXES = {'bn_passes': ('@clean', '@every'), 'bf16': ('@f32', '@bf16')}
 
 _GN = {'loss.group_normalised': True}
 _GROUP = {'optimizer.normalization': 'group'}
@@ -113,7 +128,8 @@ def config_name(method: str, scale: float = 1.0, gamma: float | None = None) -> 
 
 
 def parse_name(name: str) -> tuple[str, float, float | None]:
-  name = name.removesuffix(EVERY)
+  for suffix in SUFFIXES:
+    name = name.removesuffix(suffix)
   method, scale, gamma = name.split('@')[0], 1.0, None
   for part in name.split('@')[1:]:
     if part.startswith('x'):
@@ -125,10 +141,10 @@ def parse_name(name: str) -> tuple[str, float, float | None]:
 
 def overrides(run: str) -> tuple[str, dict]:
   """The description and config overrides of a run name."""
-  if run.endswith(EVERY):
-    desc, extra = overrides(run[:-len(EVERY)])
-    return (desc + ', BatchNorm running statistics from every pass',
-            {**extra, 'model.running_stats': 'every_pass'})
+  for suffix, (more, extra_keys) in SUFFIXES.items():
+    if run.endswith(suffix):
+      desc, extra = overrides(run.removesuffix(suffix))
+      return desc + more, {**extra, **extra_keys}
   if run in CONTROLS:
     return CONTROLS[run]
   method, scale, gamma = parse_name(run)
@@ -245,7 +261,10 @@ def jobs(parts) -> list[tuple[str, str, int]]:
     out += [('A', run, s) for run in ('sse_sam_gn', 'sam_gn') for s in DRW_SEEDS]
   if 'bn_passes' in parts:
     out += [('B', run + suffix, s) for s in BN_PASSES_SEEDS for run in BN_PASSES_RUNS
-            for suffix in ('', EVERY)]
+            for suffix in PART_SUFFIXES['bn_passes']]
+  if 'bf16' in parts:
+    out += [('B', run + suffix, s) for s in BF16_SEEDS for run in BF16_RUNS
+            for suffix in PART_SUFFIXES['bf16']]
   return out
 
 
@@ -311,7 +330,20 @@ def work(parts) -> None:
 # ----------------------------------------------------------------------------
 CSV_FIELDS = ('setting', 'run', 'method', 'radius_scale', 'gamma', 'seed', 'many', 'medium',
               'few', 'all', 'balanced', 'val_balanced', 'val_few', 'train_seconds',
-              'description', 'overrides')
+              'description', 'overrides', 'run_id', 'environment')
+
+
+def environment(provenance: dict | None) -> str:
+  """What a run's numbers depend on beyond its config, in one line ('' if not recorded:
+  runs made before results.json had provenance)."""
+  if not provenance:
+    return ''
+  v = provenance.get('versions', {})
+  return (f"jax {v.get('jax')}, jaxlib {v.get('jaxlib')}, flax {v.get('flax')}, optax "
+          f"{v.get('optax')}, numpy {v.get('numpy')}, python {provenance.get('python')}, "
+          f"{provenance.get('device_kind')} {provenance.get('cpu_model', '')}, "
+          f"{provenance.get('device_count')} device(s), XLA_FLAGS "
+          f"'{provenance.get('xla_flags', '')}'")
 
 
 def rows(setting: str) -> list[dict]:
@@ -330,7 +362,9 @@ def rows(setting: str) -> list[dict]:
           all=100 * test['all'], balanced=100 * test['balanced'],
           val_balanced=100 * val['balanced'] if val else '',
           val_few=100 * val['few'] if val else '', train_seconds=r['train_seconds'],
-          description=desc, overrides=json.dumps(extra, sort_keys=True)))
+          description=desc, overrides=json.dumps(extra, sort_keys=True),
+          run_id=(r.get('provenance') or {}).get('run_id', ''),
+          environment=environment(r.get('provenance'))))
   return out
 
 
@@ -342,17 +376,65 @@ def write_csv(path: pathlib.Path, table: list[dict], fields=None) -> None:
     writer.writerows(table)
 
 
+def read_rows(path: pathlib.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  with path.open() as f:
+    return list(csv.DictReader(f))
+
+
+def csv_path(setting: str, run: str) -> pathlib.Path:
+  """The CSV a run's rows belong to: a comparison part's own, or the main study's."""
+  for part, suffixes in PART_SUFFIXES.items():
+    if run.endswith(suffixes):
+      return RESULTS / f'{part}_{setting}.csv'
+  return RESULTS / f'study_{setting}.csv'
+
+
 def write_study_csvs() -> None:
+  """Every finished run's row into its CSV. Rows of runs not on this machine are kept
+  as committed; a run finished here replaces its row (run id and environment with it)."""
   for setting in SETTINGS:
-    table = rows(setting)
-    if not table:
-      continue
-    path = RESULTS / f'study_{setting}.csv'
-    write_csv(path, sorted(table, key=lambda r: (r['run'], r['seed'])), CSV_FIELDS)
-    print(f'wrote {path} ({len(table)} runs)')
+    per_file = {}
+    for row in rows(setting):
+      per_file.setdefault(csv_path(setting, row['run']), []).append(row)
+    for path, table in per_file.items():
+      fresh = {(r['run'], str(r['seed'])) for r in table}
+      kept = [r for r in read_rows(path) if (r['run'], r['seed']) not in fresh]
+      merged = sorted(kept + table, key=lambda r: (r['run'], int(r['seed'])))
+      write_csv(path, merged, CSV_FIELDS)
+      print(f'wrote {path} ({len(table)} runs from here, {len(kept)} kept)')
 
 
-PARTS = ('offset', 'tune', 'final', 'controls', 'bn_passes')
+METRIC_FIELDS = ('many', 'medium', 'few', 'all', 'balanced', 'val_balanced', 'val_few')
+
+
+def reproduce(setting: str, run: str, seed: int, workdir: pathlib.Path) -> dict:
+  """Reruns a committed row in ``workdir`` and compares it with the CSV: ``{'same':
+  bool, 'differences': {field: (committed, now)}, 'committed_environment', 'environment'}``.
+  Rows agree to the last digit only within one environment (CPU, library versions)."""
+  from sse_sam_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  committed = [r for r in read_rows(csv_path(setting, run))
+               if r['run'] == run and int(r['seed']) == seed]
+  if not committed:
+    raise ValueError(f'no committed row {setting} {run} seed {seed}')
+  result = trainer.train(config_for(setting, run, seed), workdir, progress=False)
+  test, val = result['test'], result.get('val') or {}
+  now = dict(many=test['many'], medium=test['medium'], few=test['few'], all=test['all'],
+             balanced=test['balanced'], val_balanced=val.get('balanced', ''),
+             val_few=val.get('few', ''))
+  differences = {}
+  for field in METRIC_FIELDS:
+    old, new = committed[0][field], now[field]
+    new = '' if new == '' else 100 * new
+    if (old == '') != (new == '') or (old != '' and float(old) != new):
+      differences[field] = (old, new)
+  return {'same': not differences, 'differences': differences,
+          'committed_environment': committed[0].get('environment', ''),
+          'environment': environment(result.get('provenance'))}
+
+
+PARTS = ('offset', 'tune', 'final', 'controls', 'bn_passes', 'bf16')
 WALL_CSV = RESULTS / 'study_wall.csv'
 
 
@@ -373,12 +455,20 @@ def log_wall(parts, workers: int, wall_s: float, runs: int) -> None:
 
 def main(argv=None):
   parser = argparse.ArgumentParser()
-  parser.add_argument('command', choices=('run', 'work', 'csv', 'queue'))
+  parser.add_argument('command', choices=('run', 'work', 'csv', 'queue', 'reproduce'))
+  parser.add_argument('row', nargs='*', help='reproduce: SETTING RUN SEED')
   parser.add_argument('--parts', nargs='+', default=list(PARTS), choices=PARTS)
   parser.add_argument('--workers', type=int, default=2)
   args = parser.parse_args(argv)
   if args.command == 'csv':
     write_study_csvs()
+  elif args.command == 'reproduce':
+    import tempfile  # pylint: disable=g-import-not-at-top
+    setting, run, seed = args.row
+    with tempfile.TemporaryDirectory() as tmp:
+      out = reproduce(setting, run, int(seed), pathlib.Path(tmp) / 'run')
+    print(json.dumps(out, indent=1))
+    sys.exit(0 if out['same'] else 1)
   elif args.command == 'queue':
     for j in jobs(args.parts):
       print(*j, 'done' if result_path(*j).exists() else '')

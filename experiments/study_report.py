@@ -20,7 +20,15 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from study import GAMMAS, METHODS, RADIUS_SCALES, RESULTS, TUNE_SEEDS, config_name  # pylint: disable=wrong-import-position
+from study import (  # pylint: disable=wrong-import-position
+  GAMMAS,
+  METHODS,
+  PART_SUFFIXES,
+  RADIUS_SCALES,
+  RESULTS,
+  TUNE_SEEDS,
+  config_name,
+)
 
 METRICS = ('many', 'medium', 'few', 'all')
 # The anchor: the authors' optimizers in PyTorch (shared/offline_benchmark.md), mean, std, n.
@@ -74,8 +82,8 @@ COMPARISONS = [
 ]
 
 
-def read_csv(setting: str) -> list[dict]:
-  path = RESULTS / f'study_{setting}.csv'
+def read_csv(setting: str, part: str = 'study') -> list[dict]:
+  path = RESULTS / f'{part}_{setting}.csv'
   if not path.exists():
     return []
   with path.open() as f:
@@ -124,7 +132,8 @@ def resolve(runs: dict, name: str) -> str | None:
 
 
 def paired(runs, a: str, b: str, metric: str):
-  """``(mean, low, high, n, better, mde)`` of ``a - b`` over shared seeds, or ``None``."""
+  """``(mean, low, high, n, better, mde, p)`` of ``a - b`` over shared seeds (``p``: the
+  paired t-test's two-sided p-value), or ``None``."""
   seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
   if len(seeds) < 2:
     return None
@@ -133,15 +142,24 @@ def paired(runs, a: str, b: str, metric: str):
   t = scipy_stats.t.ppf(0.975, n - 1)
   half = t * sd / np.sqrt(n)
   mde = (t + scipy_stats.t.ppf(0.8, n - 1)) * sd / np.sqrt(n)
-  return d.mean(), d.mean() - half, d.mean() + half, n, int(np.sum(d > 0)), mde
+  p = float(2 * scipy_stats.t.sf(abs(d.mean()) / (sd / np.sqrt(n)), n - 1)) if sd > 0 else 0.0
+  return d.mean(), d.mean() - half, d.mean() + half, n, int(np.sum(d > 0)), mde, p
+
+
+CELLS = {'paired': 0, 'marginal': 0}  # the paired cells this report prints, and those marked
 
 
 def _cell(p) -> str:
   if p is None:
     return 'n/a'
-  mean, low, high, n, better, mde = p
+  mean, low, high, n, better, mde, pvalue = p
   sig = '**' if low > 0 or high < 0 else ''
-  return f'{sig}{mean:+.2f} [{low:+.2f}, {high:+.2f}]{sig} {better}/{n}, MDE {mde:.2f}'
+  CELLS['paired'] += 1
+  mark = ''
+  if 0.01 < pvalue < 0.05:  # resolved at 5% but not at 1%: one of many comparisons
+    CELLS['marginal'] += 1
+    mark = f' (p {pvalue:.3f} †)'
+  return f'{sig}{mean:+.2f} [{low:+.2f}, {high:+.2f}]{sig}{mark} {better}/{n}, MDE {mde:.2f}'
 
 
 def comparison_table(runs, comparisons) -> list[str]:
@@ -236,15 +254,75 @@ def offset_table(setting, runs) -> list[str]:
         if len(v) < 2:
           cells += ['n/a', 'n/a']
           continue
-        (m, sd), n = ref[metric], ref['n']
-        se2a, se2b = sd ** 2 / n, v.var(ddof=1) / len(v)
-        dof = (se2a + se2b) ** 2 / (se2a ** 2 / (n - 1) + se2b ** 2 / (len(v) - 1))
-        half = scipy_stats.t.ppf(0.975, dof) * np.sqrt(se2a + se2b)
-        diff = v.mean() - m
-        cells += [f'{_ms(v)} ({len(v)})', f'{diff:+.2f} [{diff - half:+.2f}, {diff + half:+.2f}]']
+        cells += [f'{_ms(v)} ({len(v)})', welch(v, (ref[metric], ref['n']))]
       lines.append(f'| `{name}` | {metric} | {ref[metric][0]:.2f} ± {ref[metric][1]:.2f} '
                    f"({ref['n']}) | " + ' | '.join(cells) + ' |')
   return lines
+
+
+# the anchor row each run of the comparison parts reproduces
+PART_ANCHOR = {'imbsam_gn': 'imbsam_gn', 'imbsam_gn@x0': 'sgd_gn', 'sse_sam_gn': 'sse_sam_gn',
+               'sse_sam': 'sse_sam'}
+PART_TITLES = {
+    'bn_passes': ("BatchNorm running statistics: every pass (as the reference loop) against "
+                  "the clean pass (the trainer's default)",
+                  "Each base run trained twice per seed, once with each convention of "
+                  "`model.running_stats` (`study.py run --parts bn_passes`); the training "
+                  "itself is the same, only the statistics kept for evaluation differ. "
+                  "ImbSAM with radius 0 is the anchor's reweighting control."),
+    'bf16': ("Mixed precision: bfloat16 compute against float32",
+             "Each base run trained twice per seed, in float32 and with "
+             "`model.compute_dtype='bfloat16'` (`study.py run --parts bf16`)."),
+}
+
+
+def welch(values, ref) -> str:
+  """``ours - anchor [95% Welch interval]`` against an anchor ``(mean, std), n``."""
+  (m, sd), n = ref
+  v = np.asarray(values, float)
+  se2a, se2b = sd ** 2 / n, v.var(ddof=1) / len(v)
+  dof = (se2a + se2b) ** 2 / (se2a ** 2 / (n - 1) + se2b ** 2 / (len(v) - 1))
+  half = scipy_stats.t.ppf(0.975, dof) * np.sqrt(se2a + se2b)
+  diff = v.mean() - m
+  return f'{diff:+.2f} [{diff - half:+.2f}, {diff + half:+.2f}]'
+
+
+def part_sections(setting: str = 'B') -> list[str]:
+  """The comparison parts (``<part>_<setting>.csv``): both conventions per base run,
+  their paired difference, and each against the anchor where it has the row."""
+  out = []
+  for part, (first, second) in PART_SUFFIXES.items():
+    rows = read_csv(setting, part)
+    if not rows:
+      continue
+    runs = by_run(rows)
+    title, why = PART_TITLES[part]
+    out += [f'## {title} (setting {setting})', '', why, '',
+            '| run | seeds | Many | Medium | Few | All | ours − anchor: All / Few [95% Welch] |',
+            '| --- | --- | --- | --- | --- | --- | --- |']
+    bases = sorted({r['run'].removesuffix(first).removesuffix(second) for r in rows})
+    for base in bases:
+      for suffix in (first, second):
+        per_seed = runs.get(base + suffix, {})
+        if not per_seed:
+          continue
+        cells = [_ms([r[m] for r in per_seed.values()]) for m in METRICS]
+        anchor = ANCHOR.get((setting, PART_ANCHOR.get(base, '')))
+        vs = 'n/a'
+        if anchor is not None and len(per_seed) > 1:
+          vs = ' / '.join(welch([r[m] for r in per_seed.values()], (anchor[m], anchor['n']))
+                          for m in ('all', 'few'))
+        out.append(f'| `{base + suffix}` | {len(per_seed)} | ' + ' | '.join(cells)
+                   + f' | {vs} |')
+    out += ['', f'Paired by seed, `{second}` − `{first}`:', '',
+            '| run | Few | All | Many | Medium |', '| --- | --- | --- | --- | --- |']
+    for base in bases:
+      out.append(f'| `{base}` | ' + ' | '.join(
+          _cell(paired(runs, base + second, base + first, m))
+          for m in ('few', 'all', 'many', 'medium')) + ' |')
+    envs = sorted({r.get('environment', '') for r in rows} - {''})
+    out += ['', 'Environment: ' + ('; '.join(envs) if envs else 'not recorded') + '.', '']
+  return out
 
 
 def convergence_check() -> list[str]:
@@ -383,6 +461,7 @@ def write_report() -> str:
       out += ['At the reference radii (untuned; seeds 0-2 unless extended):', '']
       out += comparison_table({k: v for k, v in runs.items() if '@x' not in k},
                               COMPARISONS[:4]) + ['']
+  out += part_sections('B')
   out += hessian_section()
   hessian_csv = RESULTS / 'hessian_B.csv'
   if hessian_csv.exists():
@@ -400,6 +479,10 @@ def write_report() -> str:
             'hours of training summed over runs (two runs share the cores at a time).', '']
   else:
     out += [f'Compute: {total / 3600:.2f} hours of training summed over runs.', '']
+  out += [f"Multiplicity: this report prints {CELLS['paired']} paired cells; "
+          f"{CELLS['marginal']} of them have 0.01 < p < 0.05 (marked †). At that many "
+          f"comparisons about {0.05 * CELLS['paired']:.0f} would fall below p 0.05 by chance "
+          'alone, so a † result is a lead, not a finding.', '']
   notes = RESULTS / 'CONCLUSIONS.md'
   if notes.exists():
     out += [notes.read_text()]
