@@ -189,10 +189,11 @@ def result_path(setting: str, run: str, seed: int, root=RUNS_DIR) -> pathlib.Pat
   return root / setting / run / f'seed{seed}' / 'results.json'
 
 
-def load(setting: str, root=RUNS_DIR, runs=None) -> dict:
-  """``{run: {seed: results.json}}`` of every finished run (of ``runs`` if given)."""
+def load(setting: str, root=None, runs=None) -> dict:
+  """``{run: {seed: results.json}}`` of every finished run (of ``runs`` if given) under
+  ``root`` (default :data:`RUNS_DIR`)."""
   out = {}
-  base = root / setting
+  base = (root or RUNS_DIR) / setting
   names = runs if runs is not None else sorted(p.name for p in base.glob('*') if p.is_dir())
   for name in names:
     for path in sorted((base / name).glob('seed*/results.json')):

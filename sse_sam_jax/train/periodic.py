@@ -24,7 +24,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class MetricReport:
-  """Every ``every`` steps (and at epoch ends): the metric sums of the interval, a NaN/Inf
+  """Every ``every`` steps of an epoch (and at its end): the metric sums of the interval, a NaN/Inf
   stop, and a log line with where the time went: ``wall_s`` (since the loop started),
   ``step_s`` (seconds per step), ``examples_per_s`` and ``data_wait_frac`` (the share of
   the loop's time spent waiting for the next batch and putting it on the devices).
@@ -34,10 +34,16 @@ class MetricReport:
   line (and its NaN check) comes one interval late. At an epoch's end every open
   interval is read before anything else happens, so no evaluation or checkpoint
   ever sees parameters that a NaN check has not passed.
+
+  Intervals end where the epoch's step count crosses a multiple of ``every``, whatever
+  step the loop started from: a run resumed mid-epoch logs at the same steps as one
+  never interrupted (plus the step it stopped at).
   """
 
-  def __init__(self, c, log: MetricLog, checkpoints: Checkpoints, workdir, total_steps: int):
+  def __init__(self, c, log: MetricLog, checkpoints: Checkpoints, workdir, total_steps: int,
+               steps_per_epoch: int):
     self.every, self.log = c.log_every_steps, log
+    self.steps_per_epoch = steps_per_epoch
     self.checkpoints, self.workdir = checkpoints, workdir
     self.total_steps = total_steps
     self.pending, self.steps, self.examples, self.data_s = [], 0, 0, 0.0
@@ -56,8 +62,9 @@ class MetricReport:
     self.last += seconds
 
   def __call__(self, step: int, epoch: int, epoch_end: bool, bar) -> None:
-    if self.steps < self.every and not epoch_end:
-      return
+    in_epoch = step - epoch * self.steps_per_epoch
+    if not epoch_end and in_epoch // self.every == (in_epoch - self.steps) // self.every:
+      return  # no multiple of `every` crossed since the interval opened
     if not self.steps:  # nothing since the last interval closed
       self.flush(bar)
       return

@@ -129,7 +129,7 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
           f'{c.optimizer.name}, {n_dev} device(s); {len(needed) - later} program(s) built '
           f'in {first_compile_s:.1f}s{_loaded_note(executables)}'
           + (f', {later} more in the background.' if later > 0 else '.'))
-    report = MetricReport(c, log, checkpoints, workdir, total_steps)
+    report = MetricReport(c, log, checkpoints, workdir, total_steps, spe)
     evaluation = Evaluation(c, run, log)
     epoch_actions = (HessianProbe(c, run, log),)
     checkpointer = Checkpointer(c, checkpoints, layout)
