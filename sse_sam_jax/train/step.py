@@ -135,8 +135,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss: PerExampleLos
     count = jnp.asarray(labels.shape[0], jnp.int32)
   else:  # the weighted losses sum to B / count times the real examples' sum
     loss_sum, hits = loss_sum * (count / labels.shape[0]), hits & mask
-  metrics = dict(loss_sum=loss_sum.astype(jnp.result_type(jnp.float32, loss_sum.dtype)), correct=jnp.sum(hits).astype(jnp.int32),
-                 count=count.astype(jnp.int32), finite=finite)
+  metrics = dict(loss_sum=loss_sum.astype(jnp.result_type(jnp.float32, loss_sum.dtype)),
+                 correct=jnp.sum(hits).astype(jnp.int32), count=count.astype(jnp.int32),
+                 finite=finite)
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=new_stats,
                          opt_state=opt_state)
   return new_state, metrics
