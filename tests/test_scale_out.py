@@ -315,6 +315,10 @@ c = small_config(npz, **{'optimizer.name': 'sse_sam', 'epochs': 4, 'data.drop_re
 if phase == 'stop':
   trainer.train(c, f'{workdir}/run', progress=False, stop_after_steps=17)
   print(json.dumps({}))
+elif phase == 'preempt':  # long enough to be signalled mid-run
+  c.epochs, c.log_every_steps = 400, 1
+  r = trainer.train(c, f'{workdir}/run', progress=False)
+  print(json.dumps({'stopped_at': r.get('stopped_at'), 'preempted': r.get('preempted')}))
 else:
   r = trainer.train(c, f'{workdir}/run', progress=False)
   params = multihost_utils.process_allgather(r['state'].params, tiled=True)
@@ -359,6 +363,39 @@ def test_two_processes_fsdp_killed_and_resumed_match_one_process(tmp_path):
   steps = [l['step'] for l in lines if 'train_loss' in l]
   assert steps == sorted(set(steps)) and steps[-1] == 28
   assert (tmp_path / 'run' / 'results.json').exists()
+
+
+@pytest.mark.slow
+def test_a_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
+  """A preempted VM signals its own host only: JAX's preemption service tells the other,
+  and both save a checkpoint at the same step and stop (each alone would stop wherever it
+  happened to be, or not at all)."""
+  import signal
+  import socket
+  import time
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    port = sock.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  procs = [subprocess.Popen([sys.executable, '-c', MULTIHOST, str(ROOT), str(i), str(port),
+                             str(tmp_path), 'preempt'], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  metrics = tmp_path / 'run' / 'metrics.jsonl'
+  deadline = time.monotonic() + 300
+  while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+      break
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)  # the host that does not write the logs
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-4000:]
+  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  assert [r['preempted'] for r in results] == [True, True], results
+  stopped = results[0]['stopped_at']
+  assert stopped == results[1]['stopped_at'] and 5 <= stopped < 400 * 8, results
+  from sse_sam_jax.train import checkpointing
+  assert (checkpointing.step_directory(tmp_path / 'run') / str(stopped)).exists()
 
 
 PADDED_ON_DEVICES = r'''

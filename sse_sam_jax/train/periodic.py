@@ -223,13 +223,15 @@ def disk_full(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def sigterm_flag():
-  """Yields a list that becomes non-empty when SIGTERM arrives (main thread only).
+def sigterm_flag(leave_sigterm: bool = False):
+  """Yields two lists: the first becomes non-empty when SIGTERM arrives, the second on
+  Ctrl-C (main thread only).
 
   Ctrl-C (SIGINT) is taken the same way: the loop saves a checkpoint at the next step
   boundary and stops (the interrupt never lands inside a library's ``__del__``, where
   Python ignores it and the run would go on); a second Ctrl-C raises
-  ``KeyboardInterrupt`` at once."""
+  ``KeyboardInterrupt`` at once. ``leave_sigterm``: SIGTERM is left to JAX's preemption
+  notifier (a multi-host run, see :class:`PreemptionAgreement`)."""
   received, interrupted = [], []
   if threading.current_thread() is not threading.main_thread():
     yield received, interrupted
@@ -241,10 +243,43 @@ def sigterm_flag():
       raise KeyboardInterrupt
     interrupted.append(signum)
 
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  previous = None if leave_sigterm else signal.signal(
+      signal.SIGTERM, lambda signum, frame: received.append(signum))
   previous_int = signal.signal(signal.SIGINT, on_sigint)
   try:
     yield received, interrupted
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
     signal.signal(signal.SIGINT, previous_int)
+
+
+class PreemptionAgreement:
+  """Where the hosts of a multi-host run stop after a SIGTERM: the same step on all.
+
+  A preempted VM sends SIGTERM to its host only. JAX's preemption service (on with
+  ``jax.distributed.initialize``) catches it, tells every host, and agrees on a sync
+  point beyond the last step any host has reported; every host asks at every dispatch
+  (:func:`jax.experimental.multihost_utils.reached_preemption_sync_point`, with the
+  dispatch's index, which all hosts share) and all of them save at that dispatch. On one
+  host, or without the service, ``active`` is False and each host sees its own SIGTERM.
+  """
+
+  def __init__(self):
+    self.active, self.index = False, 0
+    if jax.process_count() < 2:
+      return
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    self._reached = multihost_utils.reached_preemption_sync_point
+    try:
+      self._reached(0)  # dispatch 0: before the first
+      self.active = True
+    except RuntimeError:  # jax_enable_preemption_service is off
+      pass
+
+  def __call__(self) -> bool:
+    """After a dispatch: whether every host stops here."""
+    if not self.active:
+      return False
+    self.index += 1
+    return bool(self._reached(self.index))

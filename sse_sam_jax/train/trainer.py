@@ -12,7 +12,8 @@ stop, read one interval late, so the loop syncs with the device only at epoch en
 :class:`Evaluation`, :class:`HessianProbe` and :class:`Checkpointer` at epoch ends.
 One ``try/finally`` closes the checkpoints, the logs and grain's workers whatever
 ends the loop. SIGTERM (a preempted VM) saves
-a checkpoint at the current step and stops; the rerun resumes from it.
+a checkpoint at the current step and stops, on a multi-host run at the same step on every
+host (:class:`~sse_sam_jax.train.periodic.PreemptionAgreement`); the rerun resumes from it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import signal
 import time
 
 import jax
@@ -39,6 +41,7 @@ from sse_sam_jax.train.periodic import (
     Evaluation,
     HessianProbe,
     MetricReport,
+    PreemptionAgreement,
     sigterm_flag,
 )
 from sse_sam_jax.train.run_log import MetricLog, plot_per_class
@@ -136,7 +139,8 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
 
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
     step, t_start = start_step, time.perf_counter()
-    with sigterm_flag() as (sigterm, interrupted):
+    preemption = PreemptionAgreement()  # multi-host: every host stops at the same step
+    with sigterm_flag(leave_sigterm=preemption.active) as (sigterm, interrupted):
       while step < total_steps:
         epoch = step // spe
         epoch_end = (epoch + 1) * spe
@@ -157,6 +161,8 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
           step += n
           bar.update(n)
           report(step, epoch, step == epoch_end, bar)
+          if preemption():
+            sigterm.append(signal.SIGTERM)
           if sigterm or interrupted or (stop_after_steps is not None
                                         and step >= stop_after_steps):
             break
