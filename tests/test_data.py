@@ -324,3 +324,28 @@ def test_inaturalist_lazy_source_with_mock_data():
     lt = tfds_sources.inaturalist2018(size=16)
     assert len(lt.train) == 6 and lt.train.num_classes == 8142
     assert lt.train.x.gather([0, 1], np.random.default_rng(0)).shape == (2, 16, 16, 3)
+
+
+def test_class_stats_check_labels_and_classes_at_their_limits():
+  """``ClassStats`` at each boundary, with the messages a user reads."""
+  from sse_sam_jax.data import ClassStats
+  ok = ClassStats.from_labels([0, 1, 2, 2], 3)  # 0 and num_classes - 1 are valid labels
+  assert ok.counts.tolist() == [1, 1, 2] and isinstance(ok.counts, np.ndarray)
+  with pytest.raises(ValueError, match=r'labels must lie in \[0, 3\); found 0\.\.3\.'):
+    ClassStats.from_labels([0, 1, 2, 3], 3)
+  with pytest.raises(ValueError, match=r'labels must lie in \[0, 3\); found -1\.\.2\.'):
+    ClassStats.from_labels([-1, 1, 2], 3)
+  # the last class absent: counted (minlength), then refused by name
+  with pytest.raises(ValueError, match=r'classes \[2\] \(1 of 3\) have no training example'):
+    ClassStats.from_labels([0, 1, 1], 3)
+  with pytest.raises(ValueError, match='positive'):
+    ClassStats(counts=np.array([3, 0]))
+  stats = ClassStats(counts=[9, 5, 5])
+  assert stats.counts.dtype.kind == 'i' and stats.num_classes == 3
+  with pytest.raises(ValueError, match=r'eta=5 leaves no tail class \(class counts range '
+                                       r'5\.\.9\)'):
+    stats.class_groups(5)  # tail: fewer than eta
+  with pytest.raises(ValueError, match=r'eta=10 leaves no head class'):
+    stats.class_groups(10)
+  assert stats.class_groups(6).tolist() == [0, 1, 1]
+  assert stats.class_groups(6).dtype == np.int32
