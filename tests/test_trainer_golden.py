@@ -17,7 +17,7 @@ included, with the unbiased variance).
 The tolerance is the data README's: 1e-12 relative per tensor (100-1000x what one
 1e-15 perturbation of the initial weights grows to over these runs); a difference of
 method is 1e-6 or more. The fast tests replay the first 10 steps of every case; the slow
-ones whole runs: SGD and SSE-SAM across its stage switch through the trainer's parts,
+ones whole runs: SSE-SAM across its stage switch through the trainer's parts,
 group-normalised ImbSAM through ``trainer.train`` end to end. The other whole runs cost
 25-60 s each in float64 on 2 cores (the suite's budget is 10 minutes):
 ``SSE_SAM_JAX_ALL_REPLAYS=1 pytest -m slow tests/test_trainer_golden.py`` runs every case
@@ -202,7 +202,7 @@ def test_weights_and_orders_that_do_not_fit_are_refused(tmp_path):
 
 
 ALL_REPLAYS = bool(os.environ.get('SSE_SAM_JAX_ALL_REPLAYS'))
-WHOLE_BY_DEFAULT = ('t_sgd', 't_ssesam_switch')  # (t_imbsam_group: end to end, below)
+WHOLE_BY_DEFAULT = ('t_ssesam_switch',)  # (t_imbsam_group: end to end, below)
 
 
 @pytest.mark.slow
