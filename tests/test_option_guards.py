@@ -153,3 +153,57 @@ def test_eta_below_one_is_a_valid_tail_threshold():
   assert ssj.tail_classes([5, 1], eta=1.5).tolist() == [False, True]
   with pytest.raises(ValueError):
     ssj.tail_classes([5, 1], eta=0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# What the mutation run's other survivors showed untested
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize('name,make', [
+    ('sam', lambda: ssj.sam(0.1)),
+    ('focal_sam', lambda: ssj.focal_sam(0.1, lam=1.0, gamma=2.0, class_counts=COUNTS))])
+def test_errors_name_the_transform_the_user_wrote(name, make):
+  tx = make()
+  grads = jax.grad(lambda p: jnp.mean(loss_fn(p)))(PARAMS)
+  with pytest.raises(TypeError, match=f'^{name}: perturbed_aux must be a list'):
+    tx.update(grads, tx.init(PARAMS), PARAMS, loss_fn=loss_fn, labels=LABELS,
+              perturbed_aux=())
+  masked = optax.masked(make(), {'w': True, 'b': False})
+  with pytest.raises(TypeError, match=rf'ssj\.{name} inside optax\.masked'):
+    masked.update(grads, masked.init(PARAMS), PARAMS, loss_fn=loss_fn, labels=LABELS)
+
+
+def test_group_sam_without_a_loss_says_loss_fn():
+  tx = ssj.group_sam((0.1, 0.1), name='my_group_sam')
+  grads = jax.grad(lambda p: jnp.mean(loss_fn(p)))(PARAMS)
+  with pytest.raises(TypeError, match=r'my_group_sam\.update\(\) needs the keyword '
+                                      r'argument\(s\) loss_fn'):
+    tx.update(grads, tx.init(PARAMS), PARAMS, group_ids=jnp.zeros(12, jnp.int32))
+
+
+def test_class_weights_summing_below_one_are_not_clipped():
+  """PyTorch's weighted mean divides by the batch's weight sum, however small."""
+  from sse_sam_jax import losses
+  z = jnp.zeros((2, 3))
+  y = jnp.array([0, 1])
+  got = losses.cross_entropy(z, y, class_weights=np.array([0.1, 0.1, 0.1]))
+  np.testing.assert_allclose(got, [np.log(3.0)] * 2, rtol=1e-6)  # (0.1 l) * 2 / 0.2
+
+
+def test_tree_dot_accumulates_low_precision_leaves_in_float32():
+  from sse_sam_jax.optim import tree_math
+  a = {'x': jnp.full((4096,), 1.0 + 2 ** -7, jnp.bfloat16), 'y': jnp.ones(3, jnp.bfloat16)}
+  dot = tree_math.tree_dot(a, a)
+  assert dot.dtype == jnp.float32 and tree_math.accumulation_dtype(a) == jnp.float32
+  want = 4096 * float((1.0 + 2 ** -7) ** 2) + 3
+  assert abs(float(dot) - want) / want < 1e-6  # a bfloat16 sum would be off by ~1e-3
+  assert tree_math.tree_dot({}, {}).dtype == jnp.float32  # nothing to add: a float32 zero
+
+
+def test_stage_switch_and_microbatches_say_what_is_wrong():
+  with pytest.raises(ValueError, match='^stage_switch needs at least one transformation'):
+    ssj.stage_switch([], [])
+  per_example = lambda params, batch: loss_fn(params)
+  with pytest.raises(ValueError, match='^batch has no arrays'):
+    ssj.microbatched(per_example, {}, 2)
+  with pytest.raises(ValueError, match='the same leading batch dimension'):
+    ssj.microbatched(per_example, {'x': jnp.float32(1.0)}, 1)
