@@ -207,3 +207,29 @@ def test_stage_switch_and_microbatches_say_what_is_wrong():
     ssj.microbatched(per_example, {}, 2)
   with pytest.raises(ValueError, match='the same leading batch dimension'):
     ssj.microbatched(per_example, {'x': jnp.float32(1.0)}, 1)
+
+
+def test_dtypes_hold_in_float64_mode():
+  """With x64 on, a dot product accumulates in the wider of its two trees' dtypes (in
+  either order), float32 trees stay float32, and a padded batch's class weights keep the
+  losses' dtype."""
+  from sse_sam_jax import losses
+  from sse_sam_jax.optim import tree_math
+  with jax.enable_x64(True):
+    f32, f64 = {'x': jnp.ones(3, jnp.float32)}, {'x': jnp.ones(3, jnp.float64)}
+    assert tree_math.tree_dot(f32, f32).dtype == jnp.float32
+    assert tree_math.tree_dot(f64, f32).dtype == jnp.float64
+    assert tree_math.tree_dot(f32, f64).dtype == jnp.float64
+    weighted = losses.apply_class_weights(jnp.ones(4, jnp.float32), jnp.array([0, 1, 1, 0]),
+                                          np.array([1.0, 2.0]), mask=jnp.array([1, 1, 1, 0], bool))
+    assert weighted.dtype == jnp.float32
+
+
+def test_a_single_stage_switch_runs_under_jit():
+  tx = ssj.stage_switch([ssj.sam(0.1)], [])
+  grads = jax.grad(lambda p: jnp.mean(loss_fn(p)))(PARAMS)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, loss_fn=loss_fn))
+  updates, _ = update(grads, tx.init(PARAMS), PARAMS)
+  want, _ = ssj.sam(0.1).update(grads, ssj.sam(0.1).init(PARAMS), PARAMS, loss_fn=loss_fn)
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
