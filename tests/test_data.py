@@ -349,3 +349,11 @@ def test_class_stats_check_labels_and_classes_at_their_limits():
     stats.class_groups(10)
   assert stats.class_groups(6).tolist() == [0, 1, 1]
   assert stats.class_groups(6).dtype == np.int32
+
+
+def test_class_stats_from_labels_keeps_its_shot_thresholds():
+  from sse_sam_jax.data import ClassStats
+  stats = ClassStats.from_labels([0] * 6 + [1] * 3 + [2], 3, many_above=5, few_below=2)
+  assert (stats.many_above, stats.few_below) == (5, 2)
+  assert {k: v.tolist() for k, v in stats.shot_groups().items()} == {
+      'many': [True, False, False], 'medium': [False, True, False], 'few': [False, False, True]}

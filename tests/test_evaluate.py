@@ -70,3 +70,19 @@ def test_classes_absent_from_the_split_have_no_accuracy_and_no_nan():
   rest = evaluate.confusion_matrix(labels[4:], preds[4:], 6)
   whole = evaluate.metrics_from_confusion(first + rest, stats)
   assert whole == m
+
+
+def test_single_examples_empty_splits_and_the_header():
+  """A class with one test example scores 0 or 1, a split of one example too; an empty
+  split predicts nothing (int32, shape [0]); the table's header names the columns."""
+  stats = ClassStats(np.array([5000, 50]), many_above=1000, few_below=200)
+  m = evaluate.metrics_from_confusion(evaluate.confusion_matrix([0, 1], [0, 1], 2), stats)
+  assert m['per_class'] == [1.0, 1.0] and m['few'] == 1.0 and m['all'] == 1.0
+  one = evaluate.metrics_from_confusion(evaluate.confusion_matrix([1], [1], 2), stats)
+  assert one['all'] == 1.0 and one['per_class'] == [None, 1.0]
+  assert evaluate.format_table({'x': m}).splitlines()[:2] == [
+      '| run | Many | Medium | Few | All |', '| --- | --- | --- | --- | --- |']
+  model, params, batch_stats = models.create('mlp', 3, in_features=2)
+  predict = evaluate.make_predict(model)
+  none = evaluate.predict_split(predict, params, batch_stats, np.zeros((0, 2), np.float32))
+  assert none.shape == (0,) and none.dtype == np.int32
