@@ -21,6 +21,9 @@ from sse_sam_jax.data.sources import Split
 
 # (x_batch, rng) -> augmented x_batch
 BatchAugment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+# (batch size, rng) -> the augmentation's random choices, one array each (see
+# augment.pad_crop_flip_draws); the device applies them to the images it holds
+AugmentDraws = Callable[[int, np.random.Generator], dict]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +54,10 @@ class _MakeBatch:
   """Picklable map: global step index -> batch dict (for grain workers)."""
 
   def __init__(self, split: Split, spec: BatchSpec, seed: int, augment: BatchAugment | None,
-               process_index: int, process_count: int, order: np.ndarray | None = None):
+               process_index: int, process_count: int, order: np.ndarray | None = None,
+               augment_draws: AugmentDraws | None = None):
     self.split, self.spec, self.seed, self.augment = split, spec, seed, augment
+    self.augment_draws = augment_draws
     self.order = order
     self.process_index, self.process_count = process_index, process_count
     self.steps_per_epoch = spec.steps_per_epoch(len(split))
@@ -77,6 +82,9 @@ class _MakeBatch:
     per_host = len(ids) // self.process_count
     ids = ids[self.process_index * per_host:(self.process_index + 1) * per_host]
     rng = np.random.default_rng([self.seed, 1 << 20, step])
+    if self.augment_draws is not None:  # the device gathers and augments
+      return {'ids': ids.astype(np.int32), **self.augment_draws(len(ids), rng),
+              'label': self.split.label[ids], 'step': np.int64(step)}
     if hasattr(self.split.x, 'gather'):  # lazily read images: augmentation happens on decode
       x = self.split.x.gather(ids, rng if self.augment is not None else None)
     else:
@@ -89,8 +97,17 @@ class _MakeBatch:
 def train_batches(split: Split, spec: BatchSpec, *, num_epochs: int, seed: int,
                   augment: BatchAugment | None = None, num_workers: int = 0,
                   prefetch_batches: int = 2, process_index: int = 0,
-                  process_count: int = 1, order: np.ndarray | None = None) -> grain.IterDataset:
+                  process_count: int = 1, order: np.ndarray | None = None,
+                  augment_draws: AugmentDraws | None = None) -> grain.IterDataset:
   """A grain ``IterDataset`` of all training batches; ``iter()`` it and keep its state.
+
+  Each batch is a dict: ``'x'``, ``'label'`` and ``'step'`` (the global step index).
+  With ``augment_draws`` (instead of ``augment``; in-memory arrays only) a batch carries
+  no images: ``'ids'`` (the examples' int32 indices into ``split.x``) and the
+  augmentation's random choices, drawn from the same generator as ``augment`` would
+  (e.g. :func:`~sse_sam_jax.data.augment.pad_crop_flip_draws`), for a program on the
+  device to gather and augment the images there
+  (:func:`~sse_sam_jax.data.augment.pad_crop_flip_on_device`).
 
   ``order`` (int ``[num_epochs, N]``, see :func:`load_batch_order`): epoch ``e`` takes
   the examples in the order of row ``e`` instead of the seeded permutation.
@@ -102,7 +119,11 @@ def train_batches(split: Split, spec: BatchSpec, *, num_epochs: int, seed: int,
   """
   if order is not None:
     order = check_batch_order(order, num_epochs, len(split))
-  make = _MakeBatch(split, spec, seed, augment, process_index, process_count, order)
+  if augment_draws is not None and (augment is not None or not isinstance(split.x, np.ndarray)):
+    raise ValueError('augment_draws: the device augments in-memory images only, and in '
+                     'place of augment (got both, or a lazy image reader).')
+  make = _MakeBatch(split, spec, seed, augment, process_index, process_count, order,
+                    augment_draws)
   read = grain.ReadOptions(num_threads=prefetch_batches, prefetch_buffer_size=prefetch_batches)
   ds = grain.MapDataset.range(num_epochs * make.steps_per_epoch).map(make).to_iter_dataset(read)
   if num_workers > 0:

@@ -15,6 +15,7 @@ from sse_sam_jax.models import MODELS
 from sse_sam_jax.models.small import INITS as MODEL_INITS
 from sse_sam_jax.optim import NORMALIZATIONS
 from sse_sam_jax.train.compiled_step import CPU_CONVOLUTIONS
+from sse_sam_jax.train.device_images import AUGMENT_ON
 from sse_sam_jax.train.schedules import SCHEDULES
 from sse_sam_jax.train.sharding import PARAMETER_SHARDINGS
 from sse_sam_jax.train.step import RUNNING_STATS
@@ -52,7 +53,11 @@ def default_config() -> ml_collections.ConfigDict:
       prefetch_batches=2,
       # a .npy [epochs, N] of training-example indices: epoch e's order, instead of the
       # seeded shuffle (a fixed order for debugging, or a reference's order to replay)
-      batch_order=''))
+      batch_order='',
+      # where augmentation runs: 'host' (grain), 'device' (the training images held on
+      # every device, the host sends indices and random draws), 'auto' (the device when
+      # the images are in memory, up to 2 GiB); the same batches either way
+      augment_on='auto'))
   # running_stats: BatchNorm running statistics from the 'clean' pass (default), from
   # the step's 'last_perturbed' pass, or from 'every_pass' as the authors' PyTorch loop
   # keeps them (every forward pass folded in, in the reference's order, unbiased variance).
@@ -214,6 +219,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(int(c.epochs) == c.epochs and c.epochs >= 1, 'epochs must be an integer >= 1.')
   check(c.data.batch_size >= 1, f'data.batch_size must be >= 1, got {c.data.batch_size}.')
   check(int(c.data.num_classes) >= 0, f'data.num_classes must be >= 0, got {c.data.num_classes}.')
+  check(c.data.augment_on in AUGMENT_ON,
+        f'data.augment_on must be one of {AUGMENT_ON}, got {c.data.augment_on!r}.')
   check(int(c.data.prefetch_batches) == c.data.prefetch_batches and c.data.prefetch_batches >= 0,
         f'data.prefetch_batches must be an integer >= 0, got {c.data.prefetch_batches}.')
   check(c.data.imbalance_factor >= 1,

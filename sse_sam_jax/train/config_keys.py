@@ -39,6 +39,10 @@ MEANINGS = {
                            'stage instead of two).',
     'data.batch_order': 'A .npy [epochs, N] of training-example indices, row e the order of '
                         "epoch e, instead of the seeded shuffle; '': the shuffle.",
+    'data.augment_on': "Where augmentation runs: 'host' (grain), 'device' (the training "
+                       'images held on every device; the host sends their indices and the '
+                       "random draws), 'auto' (the device for in-memory images up to 2 GiB). "
+                       'The same batches either way.',
     'data.prefetch_batches': 'Batches made ahead of the loop in as many threads (0: in the '
                              "loop's thread).",
     # model

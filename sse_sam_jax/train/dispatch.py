@@ -18,6 +18,7 @@ import numpy as np
 
 from sse_sam_jax.train import setup
 from sse_sam_jax.train.compiled_step import CompiledTrainStep, stacked
+from sse_sam_jax.train.device_images import DRAWS
 
 
 def steps_per_dispatch(c) -> int:
@@ -102,13 +103,13 @@ def pad(batch: dict, size: int, shards: int) -> dict:
   """``batch`` (this host's rows) padded to ``size`` rows with a ``'mask'``, False on
   padding: each of the host's ``shards`` device shards gets an equal share of the real
   rows first, as the unpadded batch would split (zeros after, label 0)."""
-  rows = len(batch['label'])
+  rows = len(batch['label'])  # (padded ids and draws are 0: the device zeroes those rows)
   if rows == size:
     return dict(batch, mask=np.ones(size, np.bool_))
   if rows % shards or size % shards:
     raise ValueError(f'{rows} rows padded to {size} do not split over {shards} shards.')
   out = {'step': batch['step']}
-  for key in ('x', 'label'):
+  for key in (k for k in batch if k != 'step'):  # x, label (or ids and draws)
     a = batch[key].reshape((shards, rows // shards) + batch[key].shape[1:])
     widths = [(0, 0), (0, (size - rows) // shards)] + [(0, 0)] * (a.ndim - 2)
     out[key] = np.pad(a, widths).reshape((size,) + batch[key].shape[1:])
@@ -119,21 +120,24 @@ def pad(batch: dict, size: int, shards: int) -> dict:
 
 def device_batch(batches: list, step: int, run: setup.Run):
   """The host batches of the steps from ``step`` on the mesh (each host holds its rows
-  of the global batch); several are stacked along a leading axis."""
+  of the global batch); several are stacked along a leading axis. Batches of indices
+  and draws (``data.augment_on``) become images there (``run.device_images``)."""
   assert [int(b['step']) for b in batches] == list(range(step, step + len(batches)))
   if run.pads_last_batch:
     size = run.spec.batch_size // jax.process_count()  # this host's rows of a full batch
     shards = run.mesh.devices.size // jax.process_count()
     batches = [pad(b, size, shards) for b in batches]
-  host = {'x': np.stack([b['x'] for b in batches]).astype(run.input_dtype, copy=False),
-          'label': np.stack([b['label'] for b in batches]).astype(np.int32, copy=False)}
-  if run.pads_last_batch:
-    host['mask'] = np.stack([b['mask'] for b in batches])
+  dtypes = {'x': run.input_dtype, 'label': np.int32, 'ids': np.int32, **DRAWS}
+  host = {k: np.stack([b[k] for b in batches]).astype(dtypes.get(k, np.bool_), copy=False)
+          for k in batches[0] if k != 'step'}  # (mask: bool)
   sharding = run.batch_sharding
   if len(batches) == 1:
     host = jax.tree.map(lambda a: a[0], host)
   else:
     sharding = stacked(sharding)
   if jax.process_count() > 1:
-    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), host)
-  return jax.device_put(host, sharding)
+    placed = jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), host)
+  else:
+    placed = jax.device_put(host, sharding)
+  # with data.augment_on: indices and draws -> the augmented images, made on the devices
+  return placed if run.device_images is None else run.device_images(placed)

@@ -28,6 +28,7 @@ from sse_sam_jax.data import augment as augment_lib
 from sse_sam_jax.train import config as config_lib
 from sse_sam_jax.train import schedules
 from sse_sam_jax.train import sharding as sharding_lib
+from sse_sam_jax.train.device_images import DeviceImages, on_device
 from sse_sam_jax.train.step import MICROBATCH_AXIS, init_state
 
 
@@ -299,6 +300,7 @@ class Run:
   pads_last_batch: bool = False  # the partial batch runs padded in the full batch's program
   running_stats: object = 'clean'  # train_step's running_stats, or stage -> it
   input_dtype: type = np.float32  # of the batches' x (float64 with model.param_dtype)
+  device_images: DeviceImages | None = None  # data.augment_on: the device augments
 
   def sharpness_step_at(self, step: int) -> bool | None:
     """Whether ``step`` runs the perturbed passes (``None``: every step does)."""
@@ -339,10 +341,12 @@ def prepare(c) -> Run:
   state = jax.device_put(state, state_sharding)
   pads = (len(spec.batch_sizes(len(lt.train))) > 1 and pads_last_batch(c)
           and model.masks_padding)
+  input_dtype = np.dtype(c.model.param_dtype).type
+  images = (DeviceImages(lt.train.x, mesh, input_dtype)
+            if on_device(c.data.augment_on, c.data.augment, lt.train.x) else None)
   return Run(lt, stats, class_groups, spec, steps_per_epoch, mesh, state_sharding,
              sharding_lib.batch_sharding(mesh), model, state, loss, tx, boundaries,
-             scope_plan(c), direction, pads, running_stats_plan(c),
-             np.dtype(c.model.param_dtype).type)
+             scope_plan(c), direction, pads, running_stats_plan(c), input_dtype, images)
 
 
 def running_stats_plan(c):

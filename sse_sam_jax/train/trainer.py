@@ -113,7 +113,10 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
              if c.data.batch_order else None)
     batch_iter = iter(data_lib.train_batches(
         run.data.train, run.spec, num_epochs=c.epochs, seed=c.seed, order=order,
-        augment=augment_lib.pad_crop_flip if c.data.augment else None,  # lazy: RRC + flip
+        # on the host (lazy sources: RRC + flip on decode), or draws for the devices
+        augment=(augment_lib.pad_crop_flip if c.data.augment and run.device_images is None
+                 else None),
+        augment_draws=augment_lib.pad_crop_flip_draws if run.device_images else None,
         num_workers=c.data.num_workers, prefetch_batches=c.data.prefetch_batches,
         process_index=jax.process_index(),
         process_count=jax.process_count()))
@@ -124,6 +127,10 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
     needed = dispatch.programs(run, plan.dispatches(start_step, total_steps), train_step)
     first_compile_s = train_step.precompile(
         state, programs=needed, background_threads=dispatch.background_compile_threads(c))
+    if run.device_images is not None:  # (small programs: the batches' gather and crops)
+      t0 = time.perf_counter()
+      run.device_images.precompile([batch for _, batch in needed])
+      first_compile_s += time.perf_counter() - t0
     log = MetricLog(workdir)
     log.discard_after(start_step)
     later = train_step.built_in_background

@@ -36,7 +36,7 @@ class UserError(ValueError):
 NEUTRAL_KEYS = ('eval.', 'log_every_steps', 'checkpoint.', 'hessian.', 'num_devices',
                 'parameter_sharding', 'fsdp_min_elements', 'data.num_workers',
                 'data.prefetch_batches', 'data.data_dir', 'compilation_cache_dir',
-                'background_compile_threads')
+                'background_compile_threads', 'data.augment_on')
 
 # Keys whose default changed what is trained, with the value that a config saved
 # before the key existed was trained with: such a config reads as that value, so a
