@@ -86,8 +86,7 @@ def main():
                            sharpness_step_at=run.sharpness_step_at,
                            running_stats=run.running_stats, compiler_options=options)
   total = c.epochs * run.steps_per_epoch
-  plan = dispatch.DispatchPlan(dispatch.steps_per_dispatch(c), run.steps_per_epoch,
-                               run.spec.full_batches(len(run.data.train)), run.boundaries)
+  plan = dispatch.plan(c, run)
   needed = dispatch.programs(run, plan.dispatches(0, total), step)
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                        run.state)
@@ -126,7 +125,7 @@ def main():
           + (f', {" ".join(args.xla)}' if args.xla else '') + ')')
   out = dict(device=device, backend=jax.default_backend(), jax=jax.__version__,
              precision=args.precision, model=args.model, xla_options=options,
-             steps_per_dispatch=dispatch.steps_per_dispatch(c), programs=rows,
+             steps_per_dispatch=plan.k, programs=rows,
              evaluation=eval_row, train_lower_s=round(lower_s, 2),
              train_compile_s=round(compile_s, 2), line=line)
   path = pathlib.Path(args.out or ROOT / 'benchmarks' / 'results' / f'compile_cost_{device}.json')

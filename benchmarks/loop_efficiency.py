@@ -137,8 +137,7 @@ def measure(name: str, c, root: pathlib.Path) -> dict:
   # drifts (on the 2-core VM, +-15% between runs), and the two bracket the trainer.
   run = setup.prepare(c)
   total = c.epochs * run.steps_per_epoch
-  plan = dispatch.DispatchPlan(dispatch.steps_per_dispatch(c), run.steps_per_epoch,
-                               run.spec.full_batches(len(run.data.train)), run.boundaries)
+  plan = dispatch.plan(c, run)
   first_logged = min([s + n for s, n in plan.dispatches(0, total) if s + n >= c.log_every_steps]
                      + [run.steps_per_epoch])  # an epoch's end closes an interval too
   steady_steps = total - first_logged

@@ -34,6 +34,23 @@ def test_dispatch_plan_keeps_chunks_inside_an_epoch_and_a_stage():
   assert plan.dispatches(17, 28)[:8] == [(s, 1) for s in range(17, 24)] + [(24, 4)]
   assert plan.steps_from(0, stop=3) == 1  # a stop inside the chunk splits it
   assert dispatch.DispatchPlan(1, 8, 7, []).dispatches(0, 3) == [(0, 1), (1, 1), (2, 1)]
+  # a padded last batch has the full shape: every step of the epoch may be chunked
+  assert dispatch.DispatchPlan(4, 8, 8, [20]).dispatches(0, 24) == [
+      (0, 4), (4, 4), (8, 4), (12, 4), (16, 4), (20, 4)]
+
+
+@pytest.mark.parametrize('chunkable, k', [(170, 10), (97, 8), (48, 8), (36, 9), (60, 10),
+                                          (51, 8), (28, 7), (12, 6), (5, 5), (0, 8)])
+def test_auto_steps_per_dispatch_is_a_divisor_near_eight_on_accelerators(
+    monkeypatch, chunkable, k):
+  # the recipe (169 full batches + the padded last: 170) runs 10 per dispatch, every step
+  # of an epoch in the one program of each stage; the main job (97) keeps 8 and a single
+  c = small_config('unused.npz')
+  assert dispatch.steps_per_dispatch(c, chunkable) == 1  # CPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert dispatch.steps_per_dispatch(c, chunkable) == k
+  c.steps_per_dispatch = 3
+  assert dispatch.steps_per_dispatch(c, chunkable) == 3
 
 
 @pytest.fixture(scope='module')
@@ -49,25 +66,27 @@ def _config(npz, k):
 
 def test_several_steps_per_dispatch_resume_bit_identically(npz, tmp_path):
   one = trainer.train(_config(npz, 1), tmp_path / 'one', progress=False)
-  # (built in 2 background threads: the 3 programs after the first, while it trains)
+  # (built in 2 background threads: the program after the first, while it trains)
   background = set_keys(_config(npz, 4), background_compile_threads=2)
   four = trainer.train(background, tmp_path / 'four', progress=False)
-  assert four['timing']['programs_built_in_background'] == 3
-  # stopped at step 5 (inside a chunk's reach), resumed: single steps to the epoch's end;
-  # every program built before step 0
+  assert four['timing']['programs_built_in_background'] == 1
+  # stopped at step 5 (the chunk from step 4 split by the stop: step 4 alone), before the
+  # first checkpoint, and rerun; every program built before step 0
   trainer.train(_config(npz, 4), tmp_path / 'resumed', progress=False, stop_after_steps=5)
   resumed = trainer.train(_config(npz, 4), tmp_path / 'resumed', progress=False)
   assert resumed['timing']['programs_built_in_background'] == 0
+  assert resumed['compiles'] == 2
   # the resumed run dispatches the same steps together: bit-identical (programs built in
   # the background or not)
   jax.tree.map(np.testing.assert_array_equal, four['state'], resumed['state'])
   assert resumed['test'] == four['test']
-  # per stage: the single step (the last batch padded); the 4-step chunk and the
-  # single step. That the chunks compute the same steps is checked in float64 below:
+  # per stage: the single step (the last batch padded); the 4-step chunk, the padded
+  # last batch inside the second chunk. That the chunks compute the same steps is
+  # checked in float64 below:
   # in float32 the two programs round differently, and the epoch's 2-example last batch
   # amplifies that ~300x through BatchNorm (a unit whose 2 pre-activations nearly agree
   # has a batch variance near eps: 1e-7 became 2.4e-5 on an AMD EPYC, 3.6e-5 here).
-  assert one['compiles'] == 2 and four['compiles'] == 4
+  assert one['compiles'] == 2 and four['compiles'] == 2
   assert four['timing']['steps'] == one['timing']['steps'] == 24
 
 
@@ -75,7 +94,9 @@ def test_a_dispatch_of_several_steps_runs_the_same_steps_in_float64(npz):
   """The trainer's dispatch plan, programs and padding (SSE-SAM across its stage switch,
   the last batch of each epoch padded) over 3 epochs, 1 and 4 steps per dispatch, in
   float64: the same parameters and BatchNorm statistics to 1e-12 after every dispatch,
-  on any CPU (float32 is compared bit for bit only within one dispatch mode, above)."""
+  on any CPU (float32 is compared bit for bit only within one dispatch mode, above).
+  With 4 per dispatch the padded last batch runs inside a chunk (``dispatch.plan``); an
+  unpadded plan (chunks of the 7 full batches, the last batch alone) too."""
   with golden_cases.enable_x64():
     c = _config(npz, 1)
     run = setup.prepare(c)
@@ -91,12 +112,13 @@ def test_a_dispatch_of_several_steps_runs_the_same_steps_in_float64(npz):
                                      'label': run.data.train.label[rows].astype(np.int32),
                                      'step': epoch * spe + s}, size, shards=1))
     ends = {}
-    for k in (1, 4):
+    for k in (1, 4, 'unpadded'):
       step = CompiledTrainStep(run.model, run.tx, run.loss, run.class_groups,
                                boundaries=run.boundaries,
                                compiler_options=compiler_options(c.cpu_convolutions))
       state = as_float64(jax.tree.map(jnp.copy, run.state))
-      plan = dispatch.DispatchPlan(k, spe, n // size, run.boundaries)
+      plan = (dispatch.plan(set_keys(c, steps_per_dispatch=k), run) if k != 'unpadded'
+              else dispatch.DispatchPlan(4, spe, n // size, run.boundaries))
       ends[k] = {}
       for first, m in plan.dispatches(0, 3 * spe):
         stacked = {key: np.stack([b[key] for b in batches[first:first + m]])
@@ -104,14 +126,18 @@ def test_a_dispatch_of_several_steps_runs_the_same_steps_in_float64(npz):
         state, _ = step(state, stacked if m > 1 else jax.tree.map(lambda a: a[0], stacked),
                         first)
         ends[k][first + m] = jax.device_get(state)
-      assert step.compiles == (2 if k == 1 else 4)
-  # a chunk of 4 from each epoch's start, then single steps (the 8th batch partial)
-  assert sorted(ends[4]) == [4, 5, 6, 7, 8, 12, 13, 14, 15, 16, 20, 21, 22, 23, 24]
-  for at in ends[4]:
-    for a, b in zip(jax.tree.leaves(ends[1][at]), jax.tree.leaves(ends[4][at])):
-      if np.issubdtype(np.asarray(a).dtype, np.floating):
-        assert np.asarray(a).dtype == np.float64
-        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14, err_msg=f'after step {at}')
+      assert step.compiles == {1: 2, 4: 2, 'unpadded': 4}[k]
+  # two chunks of 4 per epoch, the padded 8th batch in the second
+  assert sorted(ends[4]) == [4, 8, 12, 16, 20, 24]
+  # unpadded: a chunk of 4 from each epoch's start, then single steps
+  assert sorted(ends['unpadded']) == [4, 5, 6, 7, 8, 12, 13, 14, 15, 16, 20, 21, 22, 23, 24]
+  for k in (4, 'unpadded'):
+    for at in ends[k]:
+      for a, b in zip(jax.tree.leaves(ends[1][at]), jax.tree.leaves(ends[k][at])):
+        if np.issubdtype(np.asarray(a).dtype, np.floating):
+          assert np.asarray(a).dtype == np.float64
+          np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14,
+                                     err_msg=f'{k}: after step {at}')
   # and it trained: the parameters moved
   first, last = jax.tree.leaves(run.state.params), jax.tree.leaves(ends[1][24].params)
   assert max(float(np.max(np.abs(np.asarray(a, np.float64) - b)))

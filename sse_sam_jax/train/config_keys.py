@@ -122,8 +122,10 @@ MEANINGS = {
     'hessian.seed': 'Seed of the example subset and the Lanczos start.',
     'log_every_steps': 'Training metrics to metrics.jsonl and TensorBoard every n steps.',
     # execution
-    'steps_per_dispatch': 'Consecutive full batches run in one compiled program; 0 (auto): '
-                          '8 on GPUs and TPUs, 1 on CPUs.',
+    'steps_per_dispatch': 'Consecutive batches of the full shape (a padded last batch '
+                          'included) run in one compiled program; 0 (auto): 1 on CPUs; on '
+                          "GPUs and TPUs the divisor of the epoch's steps nearest to 8 in "
+                          '4..16 (one program per stage), else 8.',
     'num_devices': 'Devices of the mesh (0: all local devices).',
     'perturbation_scope': "'global' (the whole batch's perturbation), 'per_device' (each "
                           "device's shard: m-sharpness) or 'microbatch'.",

@@ -21,17 +21,34 @@ from sse_sam_jax.train.compiled_step import CompiledTrainStep, stacked
 from sse_sam_jax.train.device_images import DRAWS
 
 
-def steps_per_dispatch(c) -> int:
-  """The config's ``steps_per_dispatch``; 0 (auto) is 8 on accelerators and 1 on CPUs:
-  on one H200 the main job's loop took 8.2 s at 8 against 15.1 s at 1; on 2 CPU cores
-  its examples/s did not change, and each stage compiles a second program."""
+def steps_per_dispatch(c, chunkable: int | None = None) -> int:
+  """The config's ``steps_per_dispatch``; 0 (auto) is 1 on CPUs and on accelerators
+  the divisor of ``chunkable`` (the epoch's steps that may share a dispatch, see
+  :func:`plan`) nearest to 8 within 4..16 (the larger of two as near), else 8: on one
+  H200 the main job's loop took 8.2 s at 8 against 15.1 s at 1; a divisor leaves no
+  single steps at the epoch's end, so each stage needs one program, not two (the
+  recipe's 170 steps per epoch: 10). On 2 CPU cores the examples/s did not change and
+  each stage compiled a second program."""
   if c.steps_per_dispatch:
     return int(c.steps_per_dispatch)
   o = c.optimizer
   if c.model.running_stats == 'last_perturbed' and (o.sharpness_every > 1
                                                     or o.sharpness_fraction < 1):
     return 1  # the kind of every step is chosen on the host (see config.validate)
-  return 1 if jax.default_backend() == 'cpu' else 8
+  if jax.default_backend() == 'cpu':
+    return 1
+  divisors = [k for k in range(4, 17) if chunkable and chunkable % k == 0]
+  return min(divisors, key=lambda k: (abs(k - 8), -k)) if divisors else 8
+
+
+def plan(c, run: setup.Run) -> DispatchPlan:
+  """The run's :class:`DispatchPlan`. With the epoch's last batch padded to the full
+  shape (``run.pads_last_batch``) every step of an epoch may share a dispatch; without,
+  its full batches only (the partial one has a program of its own shape)."""
+  n = len(run.data.train)
+  chunkable = run.steps_per_epoch if run.pads_last_batch else run.spec.full_batches(n)
+  return DispatchPlan(steps_per_dispatch(c, chunkable), run.steps_per_epoch, chunkable,
+                      run.boundaries)
 
 
 def background_compile_threads(c) -> int:
@@ -48,11 +65,13 @@ def background_compile_threads(c) -> int:
 
 
 class DispatchPlan:
-  """How many steps each dispatch runs: ``steps_per_dispatch`` (``k``) consecutive full
-  batches of one epoch and one stage in one program, counted from the epoch's start;
-  every other step (the epoch's remainder, its last partial batch, the steps up to
-  the next multiple of ``k`` after a resume) on its own. Decided from the step index
-  alone, so a resumed run dispatches the same steps together as an uninterrupted one."""
+  """How many steps each dispatch runs: ``steps_per_dispatch`` (``k``) consecutive
+  batches among the epoch's first ``full_batches`` (the batches of the full shape: with a
+  padded last batch, all of them; :func:`plan`) of one stage in one program, counted from
+  the epoch's start; every other step (the epoch's remainder, an unpadded last partial
+  batch, the steps up to the next multiple of ``k`` after a resume) on its own. Decided
+  from the step index alone, so a resumed run dispatches the same steps together as an
+  uninterrupted one."""
 
   def __init__(self, steps_per_dispatch: int, steps_per_epoch: int, full_batches: int,
                boundaries):
@@ -63,7 +82,7 @@ class DispatchPlan:
     if self.k == 1:
       return 1
     into_epoch = step % self.spe
-    end = step - into_epoch + self.full  # the end of the epoch's full batches
+    end = step - into_epoch + self.full  # the end of the epoch's batches of the full shape
     end = min([end] + [b for b in self.boundaries if b > step] + ([stop] if stop else []))
     return self.k if into_epoch % self.k == 0 and step + self.k <= end else 1
 

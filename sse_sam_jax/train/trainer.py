@@ -122,8 +122,7 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
         process_count=jax.process_count()))
     if start_step:
       batch_iter.set_state({'next_index': start_step})
-    plan = dispatch.DispatchPlan(dispatch.steps_per_dispatch(c), spe,
-                                 run.spec.full_batches(len(run.data.train)), run.boundaries)
+    plan = dispatch.plan(c, run)
     needed = dispatch.programs(run, plan.dispatches(start_step, total_steps), train_step)
     first_compile_s = train_step.precompile(
         state, programs=needed, background_threads=dispatch.background_compile_threads(c))
