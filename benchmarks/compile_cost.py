@@ -55,12 +55,16 @@ def main():
   parser.add_argument('--scale', type=float, default=1.0,
                       help='fraction of every class kept (the program shapes do not change)')
   parser.add_argument('--model', default='resnet34_cifar')
+  parser.add_argument('--time-steps', type=int, default=0,
+                      help='then run the first program this many times: ms per step (an '
+                           'XLA option that compiles faster may run slower)')
   parser.add_argument('--out', default=None)
   args = parser.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_enable_compilation_cache', False)
   import full_recipe  # pylint: disable=g-import-not-at-top
+
   from sse_sam_jax.configs import cifar100_lt_ssesam  # pylint: disable=g-import-not-at-top
   from sse_sam_jax.train import dispatch, evaluate, setup  # pylint: disable=g-import-not-at-top
   from sse_sam_jax.train.compiled_step import (  # pylint: disable=g-import-not-at-top
@@ -90,14 +94,15 @@ def main():
   needed = dispatch.programs(run, plan.dispatches(0, total), step)
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                        run.state)
-  rows = []
+  rows, first = [], None
   for (stage, kind), batch in needed:
     steps = batch['label'].shape[0] if batch['label'].ndim == 2 else 1
     t0 = time.perf_counter()
     lowered = step._jit((stage, kind), steps).lower(state, batch)  # pylint: disable=protected-access
     t1 = time.perf_counter()
-    lowered.compile(compiler_options=options or None)
+    compiled = lowered.compile(compiler_options=options or None)
     t2 = time.perf_counter()
+    first = first or (compiled, batch)
     text = lowered.as_text()
     rows.append(dict(program=f'stage {stage}, {steps} step(s), batch {batch["label"].shape}',
                      lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2),
@@ -117,6 +122,23 @@ def main():
                   compile_s=round(time.perf_counter() - t1, 2))
   print(f"{eval_row['program']}: trace + lower {eval_row['lower_s']} s, XLA "
         f"{eval_row['compile_s']} s", flush=True)
+  ms_per_step = None
+  if args.time_steps and first is not None:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    compiled, spec = first
+    batch = {k: jax.device_put(np.ones(v.shape, v.dtype) if k == 'mask' else
+                               np.zeros(v.shape, v.dtype), v.sharding) for k, v in spec.items()}
+    steps = spec['label'].shape[0] if spec['label'].ndim == 2 else 1
+    train_state = run.state
+    for _ in range(2):  # warm-up
+      train_state, metrics = compiled(train_state, batch)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(args.time_steps):
+      train_state, metrics = compiled(train_state, batch)
+    jax.block_until_ready(metrics)
+    ms_per_step = round(1e3 * (time.perf_counter() - t0) / (args.time_steps * steps), 3)
+    print(f'first program: {ms_per_step} ms per step', flush=True)
   device = jax.devices()[0].device_kind.replace(' ', '_')
   lower_s = sum(r['lower_s'] for r in rows)
   compile_s = sum(r['compile_s'] for r in rows)
@@ -124,10 +146,10 @@ def main():
           f'{compile_s:.1f} s XLA; {len(rows)} train programs, {args.precision}, {device}'
           + (f', {" ".join(args.xla)}' if args.xla else '') + ')')
   out = dict(device=device, backend=jax.default_backend(), jax=jax.__version__,
-             precision=args.precision, model=args.model, xla_options=options,
+             precision=args.precision, model=args.model, scale=args.scale, xla_options=options,
              steps_per_dispatch=plan.k, programs=rows,
              evaluation=eval_row, train_lower_s=round(lower_s, 2),
-             train_compile_s=round(compile_s, 2), line=line)
+             train_compile_s=round(compile_s, 2), ms_per_step=ms_per_step, line=line)
   path = pathlib.Path(args.out or ROOT / 'benchmarks' / 'results' / f'compile_cost_{device}.json')
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(out, indent=1))

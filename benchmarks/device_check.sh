@@ -3,7 +3,9 @@
 # whose image has its own jax (never replaced): the packages it lacks travel as wheels in
 # .whl/ and go to /tmp/site on PYTHONPATH (see the workplace's device notes).
 #   bash benchmarks/device_check.sh   # writes $OUT/*.json and $OUT/log
-#   CHECKS="step_cost loop" bash benchmarks/device_check.sh   # a subset (main, loop, step_cost, recipe)
+#   CHECKS="step_cost loop" bash benchmarks/device_check.sh   # a subset of: main, loop,
+#     step_cost, recipe, compile, data (all of them take more than one 10-minute call:
+#     CHECKS="recipe compile data" ~7 min, CHECKS="main loop" ~6 min on an H200)
 set -uo pipefail
 OUT=${OUT:-/tmp/device_check}; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -49,10 +51,15 @@ time (python3 -m sse_sam_jax.cli train --workdir /tmp/main_cold_unpadded \
 ;;
 loop)
 # Loop efficiency: ResNet-34 (CIFAR stem) b64 SSE-SAM on a CIFAR-shaped .npz with
-# augmentation (4 grain workers) and evaluation every epoch; then the main job.
+# augmentation and evaluation every epoch (data wait: augmentation on the device, the
+# default, then on the host in 4 grain workers, as measured before data.augment_on);
+# then the main job.
 timeout 300 python3 benchmarks/loop_efficiency.py --runs resnet,main --resnet-model resnet34_cifar \
-  --resnet-batch 64 --resnet-examples 3200 --resnet-epochs 3 --num-workers 4 \
+  --resnet-batch 64 --resnet-examples 3200 --resnet-epochs 3 \
   --out "$OUT/loop_efficiency_gpu.json"
+timeout 200 python3 benchmarks/loop_efficiency.py --runs resnet --resnet-model resnet34_cifar \
+  --resnet-batch 64 --resnet-examples 3200 --resnet-epochs 3 --num-workers 4 --augment-on host \
+  --out "$OUT/loop_efficiency_gpu_host_augment.json"
 ;;
 step_cost)
 # The SAM family and the variants' exact and reuse steps on the paper's recipe
@@ -69,5 +76,19 @@ for precision in float32 bfloat16; do
   python3 benchmarks/full_recipe.py --epochs 2 --precision "$precision" \
     --out "$OUT/full_recipe_$precision.json" 2>&1 | grep -v -i warn | tail -3
 done
+;;
+compile)
+# What each of the recipe's programs costs to build (trace + lower, XLA), cold, with the
+# default XLA options and without GPU autotuning, and what a step then costs.
+for xla in "" "--xla xla_gpu_autotune_level=0"; do
+  timeout 240 python3 benchmarks/compile_cost.py --time-steps 30 $xla \
+    --out "$OUT/compile_cost${xla:+_autotune0}.json" 2>&1 | grep -v -i warn
+done
+;;
+data)
+# The loop's data path per step on the recipe's data: host augmentation (0 and 4
+# workers) against augmentation on the device.
+timeout 200 python3 benchmarks/host_batch_cost.py --steps 400 --workers 0,4 \
+  --out "$OUT/host_batch_cost.json" 2>&1 | grep -v -i warn
 ;;
 esac; done

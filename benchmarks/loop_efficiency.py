@@ -56,7 +56,7 @@ def resnet_config(npz: pathlib.Path, args):
   c.epochs = args.resnet_epochs
   c.data.name, c.data.npz_path, c.data.imbalance_factor = 'npz', str(npz), 1.0
   c.data.batch_size, c.data.augment, c.data.shots = args.resnet_batch, True, 'default'
-  c.data.num_workers = args.num_workers
+  c.data.num_workers, c.data.augment_on = args.num_workers, args.augment_on
   c.model.name = args.resnet_model
   c.optimizer.eta = float(np.sort(_counts(args.resnet_examples))[5])  # 5 tail classes
   c.optimizer.lr = 0.1
@@ -188,6 +188,8 @@ def add_resnet_arguments(parser, epochs: int) -> None:
   parser.add_argument('--resnet-batch', type=int, default=128)
   parser.add_argument('--resnet-examples', type=int, default=1280)
   parser.add_argument('--num-workers', type=int, default=0)
+  parser.add_argument('--augment-on', choices=('auto', 'host', 'device'), default='auto',
+                      help="data.augment_on: 'host' is grain's NumPy augmentation")
 
 
 def main():

@@ -9,11 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from sse_sam_jax import data
 from sse_sam_jax.data import augment
 from sse_sam_jax.train import config as config_lib
-from sse_sam_jax.train import dispatch, resume, setup, trainer
 from sse_sam_jax.train import device_images as device_images_lib
+from sse_sam_jax.train import dispatch, resume, setup, trainer
 
 
 def _images(n=40, dtype=np.uint8, seed=0):
@@ -85,12 +84,8 @@ def _device_batches(c):
 
 def _device_batches_in(c):
   run = setup.prepare(c)
-  order = data.train_batches(
-      run.data.train, run.spec, num_epochs=c.epochs, seed=c.seed,
-      augment=None if run.device_images else augment.pad_crop_flip,
-      augment_draws=augment.pad_crop_flip_draws if run.device_images else None)
-  plan = dispatch.DispatchPlan(2, run.steps_per_epoch,
-                               run.spec.full_batches(len(run.data.train)), run.boundaries)
+  order = dispatch.train_batches(c, run)
+  plan = dispatch.plan(c, run)
   it, out = iter(order), []
   for step, n in plan.dispatches(0, c.epochs * run.steps_per_epoch):
     batch = dispatch.device_batch([next(it) for _ in range(n)], step, run)
@@ -98,26 +93,29 @@ def _device_batches_in(c):
   return run, out
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'float64'])
-def test_device_batches_equal_the_hosts_padded_and_stacked(tmp_path, dtype):
-  c = _config(_npz(tmp_path / 'd.npz'), **{'model.param_dtype': dtype})
-  host_run, host = _device_batches(_config(c.data.npz_path, **{'data.augment_on': 'host',
-                                                             'model.param_dtype': dtype}))
-  run, device = _device_batches(_config(c.data.npz_path, **{'data.augment_on': 'device',
-                                                           'model.param_dtype': dtype}))
-  assert host_run.device_images is None and run.device_images is not None
+@pytest.mark.parametrize('dtype, k', [('float32', 2), ('float64', 2), ('float32', 5)])
+def test_device_batches_equal_the_hosts_padded_and_stacked(tmp_path, dtype, k):
+  # 37 examples in batches of 8: 5 steps per epoch, the 5th padded from 5 to 8 rows; 2
+  # per dispatch: 2 chunks and the padded batch alone; 5: the padded batch in the chunk
+  npz = _npz(tmp_path / 'd.npz')
+  batches = {}
+  for where in ('host', 'device'):
+    c = _config(npz, **{'data.augment_on': where, 'model.param_dtype': dtype,
+                        'steps_per_dispatch': k})
+    run, batches[where] = _device_batches(c)
+    assert (run.device_images is not None) == (where == 'device')
+  host, device = batches['host'], batches['device']
   assert run.device_images.images.dtype == np.uint8  # stored as read; cast per batch
-  assert run.pads_last_batch  # 37 examples: the epoch's 5th batch padded from 5 to 8 rows
-  assert any(b['label'].ndim == 2 for b in host) and any(not b['mask'].all() for b in host)
+  assert run.pads_last_batch and any(not b['mask'].all() for b in host)
+  assert {b['label'].shape for b in host} == ({(2, 8), (8,)} if k == 2 else {(5, 8)})
   assert len(host) == len(device)
   for h, d in zip(host, device):
     assert sorted(h) == sorted(d) == ['label', 'mask', 'x']
-    for k in h:
-      assert h[k].dtype == d[k].dtype and h[k].shape == d[k].shape, k
-      np.testing.assert_array_equal(h[k], d[k], err_msg=k)
+    for key in h:
+      assert h[key].dtype == d[key].dtype and h[key].shape == d[key].shape, key
+      np.testing.assert_array_equal(h[key], d[key], err_msg=key)
   assert host[0]['x'].dtype == np.dtype(dtype)
-  # one program per batch shape: [8] and [2, 8] (the padded batch has the full shape)
-  assert run.device_images.compiles == 2
+  assert run.device_images.compiles == (2 if k == 2 else 1)  # one per batch shape
 
 
 def test_training_is_the_same_on_the_host_and_the_device(tmp_path):
@@ -158,7 +156,8 @@ import test_device_images as t
 npz = t._npz(pathlib.Path(sys.argv[1]), n_per_class=(40, 20, 10))  # 56 train: 16 x 3 + 8
 out = {}
 for where in ('host', 'device'):
-  c = t._config(npz, **{'data.augment_on': where, 'data.batch_size': 16, 'num_devices': 8})
+  c = t._config(npz, **{'data.augment_on': where, 'data.batch_size': 16, 'num_devices': 8,
+                        'steps_per_dispatch': 2})
   run, out[where] = t._device_batches(c)
   assert run.mesh.devices.size == 8 and run.pads_last_batch
 assert any(not b['mask'].all() for b in out['host'])

@@ -16,6 +16,8 @@ import os
 import jax
 import numpy as np
 
+from sse_sam_jax import data as data_lib
+from sse_sam_jax.data import augment as augment_lib
 from sse_sam_jax.train import setup
 from sse_sam_jax.train.compiled_step import CompiledTrainStep, stacked
 from sse_sam_jax.train.device_images import DRAWS
@@ -116,6 +118,19 @@ def programs(run: setup.Run, dispatches, train_step: CompiledTrainStep) -> list:
       spec['mask'] = jax.ShapeDtypeStruct(lead + (b,), np.bool_, sharding=sharding)
     out.append((kind, spec))
   return out
+
+
+def train_batches(c, run: setup.Run, order=None):
+  """The run's grain dataset of training batches (this host's rows): augmented on the
+  host (lazy sources: random-resized crops and flips on decode), or, with
+  ``run.device_images``, indices and draws for the devices to augment."""
+  on_device = run.device_images is not None
+  return data_lib.train_batches(
+      run.data.train, run.spec, num_epochs=c.epochs, seed=c.seed, order=order,
+      augment=augment_lib.pad_crop_flip if c.data.augment and not on_device else None,
+      augment_draws=augment_lib.pad_crop_flip_draws if on_device else None,
+      num_workers=c.data.num_workers, prefetch_batches=c.data.prefetch_batches,
+      process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def pad(batch: dict, size: int, shards: int) -> dict:

@@ -27,7 +27,6 @@ import time
 import jax
 
 from sse_sam_jax import data as data_lib
-from sse_sam_jax.data import augment as augment_lib
 from sse_sam_jax.train import config as config_lib
 from sse_sam_jax.train import dispatch, logs, resume, setup
 from sse_sam_jax.train import evaluate as eval_lib
@@ -111,15 +110,7 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
       logger.info('Resumed from step %d (epoch %d).', start_step, start_step // spe)
     order = (data_lib.load_batch_order(c.data.batch_order, c.epochs, len(run.data.train))
              if c.data.batch_order else None)
-    batch_iter = iter(data_lib.train_batches(
-        run.data.train, run.spec, num_epochs=c.epochs, seed=c.seed, order=order,
-        # on the host (lazy sources: RRC + flip on decode), or draws for the devices
-        augment=(augment_lib.pad_crop_flip if c.data.augment and run.device_images is None
-                 else None),
-        augment_draws=augment_lib.pad_crop_flip_draws if run.device_images else None,
-        num_workers=c.data.num_workers, prefetch_batches=c.data.prefetch_batches,
-        process_index=jax.process_index(),
-        process_count=jax.process_count()))
+    batch_iter = iter(dispatch.train_batches(c, run, order))
     if start_step:
       batch_iter.set_state({'next_index': start_step})
     plan = dispatch.plan(c, run)
