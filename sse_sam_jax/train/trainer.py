@@ -129,6 +129,9 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
           f'{c.optimizer.name}, {n_dev} device(s); {len(needed) - later} program(s) built '
           f'in {first_compile_s:.1f}s{_loaded_note(executables)}'
           + (f', {later} more in the background.' if later > 0 else '.'))
+    if run.device_images is not None:
+      logger.info('Augmentation on the device (data.augment_on=%s): the training images, '
+                  '%.1f MB, on every device.', c.data.augment_on, run.device_images.nbytes / 1e6)
     report = MetricReport(c, log, checkpoints, workdir, total_steps, spe)
     evaluation = Evaluation(c, run, log)
     epoch_actions = (HessianProbe(c, run, log),)
@@ -189,6 +192,9 @@ def _train(c, workdir, progress: bool, stop_after_steps: int | None) -> dict:
     loop_s = time.perf_counter() - t_start
     compile_s = first_compile_s + train_step.wait_s  # what the run waited for programs
     timing = {'compile_s': round(compile_s, 3), 'loop_s': round(loop_s, 3),
+              # (the part of compile_s inside loop_s: steps waiting for programs built
+              # in the background)
+              'compile_wait_in_loop_s': round(train_step.wait_s, 3),
               'eval_s': round(evaluation.seconds, 3),
               'checkpoint_s': round(checkpointer.seconds, 3),
               'data_wait_s': round(report.totals['data_wait_s'], 3),
