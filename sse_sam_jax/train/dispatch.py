@@ -161,9 +161,10 @@ def device_batch(batches: list, step: int, run: setup.Run):
     size = run.spec.batch_size // jax.process_count()  # this host's rows of a full batch
     shards = run.mesh.devices.size // jax.process_count()
     batches = [pad(b, size, shards) for b in batches]
-  dtypes = {'x': run.input_dtype, 'label': np.int32, 'ids': np.int32, **DRAWS}
-  host = {k: np.stack([b[k] for b in batches]).astype(dtypes.get(k, np.bool_), copy=False)
-          for k in batches[0] if k != 'step'}  # (mask: bool)
+  dtypes = {'x': run.input_dtype, 'label': np.int32, 'mask': np.bool_, 'ids': np.int32,
+            **DRAWS}
+  host = {k: np.stack([b[k] for b in batches]).astype(dtypes[k], copy=False)
+          for k in batches[0] if k != 'step'}
   sharding = run.batch_sharding
   if len(batches) == 1:
     host = jax.tree.map(lambda a: a[0], host)
