@@ -76,6 +76,19 @@ def test_neutral_keys_may_change_and_restart_starts_fresh(npz, tmp_path, capsys)
   assert json.loads((tmp_path / 'config.json').read_text())['optimizer']['lr'] == 0.2
 
 
+def test_a_restart_keeps_the_workdirs_compilation_cache(npz, tmp_path):
+  # the README's rerun (--restart) of the same config loads its programs; the run set
+  # aside keeps everything else
+  c = tiny(npz, compilation_cache_dir='workdir')
+  first = trainer.train(c, tmp_path / 'run', progress=False)
+  assert first['timing']['programs_loaded'] == 0
+  again = trainer.train(c, tmp_path / 'run', progress=False, restart=True)
+  assert again['timing']['programs_loaded'] == again['compiles'] > 0
+  assert again['test'] == first['test']
+  (old,) = tmp_path.glob('run.old-*')
+  assert (old / 'results.json').exists() and not (old / 'compilation_cache').exists()
+
+
 def test_a_finished_run_rerun_reports_without_building_anything(npz, tmp_path, monkeypatch):
   first = trainer.train(tiny(npz), tmp_path, progress=False)
   stamp = (tmp_path / 'results.json').stat().st_mtime_ns

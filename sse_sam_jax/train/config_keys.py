@@ -133,7 +133,9 @@ MEANINGS = {
     'parameter_sharding': "'replicated' or 'fsdp' (arrays of >= fsdp_min_elements split over "
                           'the devices).',
     'fsdp_min_elements': "'fsdp': the smallest array that is split.",
-    'compilation_cache_dir': "JAX's persistent compilation cache: 'workdir', a path, or '' (off).",
+    'compilation_cache_dir': "JAX's persistent compilation cache and the serialized training "
+                             "programs: 'workdir' (kept by --restart), a path (shared by "
+                             "runs, e.g. a seed sweep's), or '' (off).",
     'background_compile_threads': "Threads that build the step's later programs while the "
                                   'first trains; -1 (auto): 0 on CPUs.',
     'cpu_convolutions': "XLA:CPU convolutions: 'eigen' (default) or 'ynnpack'.",

@@ -257,13 +257,13 @@ def use_compilation_cache(setting: str, workdir):
   Returns the folder (None when off); the trainer keeps its serialized training
   programs in its ``executables/`` (:mod:`sse_sam_jax.train.executable_cache`)."""
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
-  path = None if not setting else (workdir / 'compilation_cache' if setting == 'workdir'
+  path = None if not setting else (workdir / workdir_lib.CACHE_DIR if setting == 'workdir'
                                    else workdir_lib.as_path(setting))
   if jax.config.jax_compilation_cache_dir != (str(path) if path else None):
     compilation_cache.reset_cache()
     jax.config.update('jax_compilation_cache_dir', str(path) if path else None)
   if path is not None:
-    path.mkdir(parents=True, exist_ok=True)  # (again, after a --restart moved it)
+    path.mkdir(parents=True, exist_ok=True)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
   return path

@@ -44,6 +44,9 @@ NEUTRAL_KEYS = ('eval.', 'log_every_steps', 'checkpoint.', 'hessian.', 'num_devi
 BEFORE_THE_KEY = {'data.pad_last_batch': False, 'cpu_convolutions': 'ynnpack'}
 
 CONFIG_FILE = 'config.json'
+# compilation_cache_dir='workdir': JAX's persistent cache and the serialized training
+# programs (train/executable_cache.py) live here; a run set aside leaves it in place
+CACHE_DIR = 'compilation_cache'
 
 
 def as_path(workdir) -> epath.Path:
@@ -129,9 +132,16 @@ def _make_dir(workdir: epath.Path) -> None:
 
 
 def _set_aside(workdir: epath.Path) -> epath.Path:
+  """Moves the run in ``workdir`` to ``<workdir>.old-<time>``, all but its compilation
+  cache (:data:`CACHE_DIR`), which stays for the next run there: its keys cover
+  everything a program is built from, so a rerun of the same config loads its programs
+  instead of compiling them, and another config's are compiled beside them."""
   stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
   target = workdir.with_name(f'{workdir.name}.old-{stamp}')
   move(workdir, target)
+  if (target / CACHE_DIR).exists():
+    _make_dir(workdir)
+    move(target / CACHE_DIR, workdir / CACHE_DIR)
   return target
 
 
