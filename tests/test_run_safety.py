@@ -182,6 +182,15 @@ def test_config_mistakes_are_one_line(npz, tmp_path, capsys, override, needles):
   assert not (tmp_path / 'w').exists()
 
 
+def test_augmenting_inputs_that_are_not_images_is_one_line(npz, tmp_path, capsys):
+  # (it failed after the compile, in the first batch, with "not enough values to unpack")
+  code, _, err = run_cli(['train', '--workdir', str(tmp_path / 'w'), *npz_args(npz),
+                          'data.augment=True'], capsys)
+  assert_one_line_error(code, err, 'data.augment: pad-crop-flip takes images [N, H, W, C]',
+                        'are [12] per example', 'data.augment=False')
+  assert not (tmp_path / 'w' / 'checkpoints').exists()
+
+
 def test_config_file_mistakes_are_one_line(tmp_path, capsys):
   code, _, err = run_cli(['train', '--config', str(ROOT / 'README.md')], capsys)
   assert_one_line_error(code, err, 'is not a Python file')

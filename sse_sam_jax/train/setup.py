@@ -219,6 +219,17 @@ class ScopePlan:
             'parameter_sharding': c.parameter_sharding}
 
 
+def check_augment(c, lt: data_lib.LongTailData) -> None:
+  """``data.augment`` needs images: ``[N, H, W, C]`` arrays (pad-crop-flip) or a lazy
+  image reader (random resized crops); a one-line ``ValueError`` otherwise, before
+  anything compiles."""
+  x = lt.train.x
+  if c.data.augment and not hasattr(x, 'gather') and len(x.shape) != 4:
+    raise ValueError(f'data.augment: pad-crop-flip takes images [N, H, W, C]; the training '
+                     f'inputs of {lt.dataset} are {list(x.shape[1:])} per example. Set '
+                     'data.augment=False.')
+
+
 def input_kwargs(model: str, x_shape: tuple, dataset: str) -> dict:
   """What the model needs to know of its input, or a one-line error naming the shape it
   takes: ``conv1d`` takes ``[N, L]`` or ``[N, L, channels]``, the ResNets images
@@ -311,6 +322,7 @@ def prepare(c) -> Run:
   """Data, class statistics, checks against them, model, loss, optimizer, initial state."""
   config_lib.validate(c)
   lt = build_data(c)
+  check_augment(c, lt)
   stats = class_stats(c, lt.train)
   class_groups = class_groups_for(c, stats)
   spec = data_lib.BatchSpec(c.data.batch_size, c.data.drop_remainder)
