@@ -80,9 +80,9 @@ def test_several_steps_per_dispatch_resume_bit_identically(npz, tmp_path):
   # the background or not)
   jax.tree.map(np.testing.assert_array_equal, four['state'], resumed['state'])
   assert resumed['test'] == four['test']
-  # per stage: the single step (the last batch padded); the 4-step chunk, the padded
-  # last batch inside the second chunk. That the chunks compute the same steps is
-  # checked in float64 below:
+  # per stage, one program: 1 per dispatch, the single step (the last batch padded); 4
+  # per dispatch, the 4-step chunk (the padded last batch inside the epoch's second).
+  # That the chunks compute the same steps is checked in float64 below:
   # in float32 the two programs round differently, and the epoch's 2-example last batch
   # amplifies that ~300x through BatchNorm (a unit whose 2 pre-activations nearly agree
   # has a batch variance near eps: 1e-7 became 2.4e-5 on an AMD EPYC, 3.6e-5 here).
@@ -95,8 +95,8 @@ def test_a_dispatch_of_several_steps_runs_the_same_steps_in_float64(npz):
   the last batch of each epoch padded) over 3 epochs, 1 and 4 steps per dispatch, in
   float64: the same parameters and BatchNorm statistics to 1e-12 after every dispatch,
   on any CPU (float32 is compared bit for bit only within one dispatch mode, above).
-  With 4 per dispatch the padded last batch runs inside a chunk (``dispatch.plan``); an
-  unpadded plan (chunks of the 7 full batches, the last batch alone) too."""
+  With 4 per dispatch the padded last batch runs inside a chunk (``dispatch.plan``); the
+  plan of unpadded runs (chunks of the 7 full batches, the last batch alone) too."""
   with golden_cases.enable_x64():
     c = _config(npz, 1)
     run = setup.prepare(c)
@@ -112,12 +112,12 @@ def test_a_dispatch_of_several_steps_runs_the_same_steps_in_float64(npz):
                                      'label': run.data.train.label[rows].astype(np.int32),
                                      'step': epoch * spe + s}, size, shards=1))
     ends = {}
-    for k in (1, 4, 'unpadded'):
+    for k in (1, 4, 'last alone'):
       step = CompiledTrainStep(run.model, run.tx, run.loss, run.class_groups,
                                boundaries=run.boundaries,
                                compiler_options=compiler_options(c.cpu_convolutions))
       state = as_float64(jax.tree.map(jnp.copy, run.state))
-      plan = (dispatch.plan(set_keys(c, steps_per_dispatch=k), run) if k != 'unpadded'
+      plan = (dispatch.plan(set_keys(c, steps_per_dispatch=k), run) if k != 'last alone'
               else dispatch.DispatchPlan(4, spe, n // size, run.boundaries))
       ends[k] = {}
       for first, m in plan.dispatches(0, 3 * spe):
@@ -126,12 +126,12 @@ def test_a_dispatch_of_several_steps_runs_the_same_steps_in_float64(npz):
         state, _ = step(state, stacked if m > 1 else jax.tree.map(lambda a: a[0], stacked),
                         first)
         ends[k][first + m] = jax.device_get(state)
-      assert step.compiles == {1: 2, 4: 2, 'unpadded': 4}[k]
+      assert step.compiles == {1: 2, 4: 2, 'last alone': 4}[k]
   # two chunks of 4 per epoch, the padded 8th batch in the second
   assert sorted(ends[4]) == [4, 8, 12, 16, 20, 24]
-  # unpadded: a chunk of 4 from each epoch's start, then single steps
-  assert sorted(ends['unpadded']) == [4, 5, 6, 7, 8, 12, 13, 14, 15, 16, 20, 21, 22, 23, 24]
-  for k in (4, 'unpadded'):
+  # the last batch alone: a chunk of 4 from each epoch's start, then single steps
+  assert sorted(ends['last alone']) == [4, 5, 6, 7, 8, 12, 13, 14, 15, 16, 20, 21, 22, 23, 24]
+  for k in (4, 'last alone'):
     for at in ends[k]:
       for a, b in zip(jax.tree.leaves(ends[1][at]), jax.tree.leaves(ends[k][at])):
         if np.issubdtype(np.asarray(a).dtype, np.floating):
