@@ -107,9 +107,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.hessian = ml_collections.ConfigDict(dict(every_epochs=0, max_examples=1024,
                                              lanczos_iters=12, seed=0))
   c.log_every_steps = 25
-  # Consecutive full batches run in one compiled program (lax.scan) per dispatch: for
-  # small models, whose steps are shorter than the host's work per step. 1: one step
-  # each; 0 (auto): 8 on GPUs and TPUs, 1 on CPUs (where it gained nothing).
+  # Consecutive batches of the full shape (a padded last batch included) run in one
+  # compiled program (lax.scan) per dispatch: for small models, whose steps are shorter
+  # than the host's work per step. 1: one step each; 0 (auto): 1 on CPUs (where it gained
+  # nothing); on GPUs and TPUs the divisor of the epoch's steps nearest 8 in 4..16 (one
+  # program per stage), else 8 (dispatch.steps_per_dispatch).
   c.steps_per_dispatch = 0
   c.num_devices = 0  # 0: all local devices
   # 'global': the perturbation of the whole batch (what one device computes);

@@ -1,12 +1,15 @@
 """How the loop's steps are grouped into dispatches and put on the devices.
 
-``steps_per_dispatch`` consecutive full batches of one epoch and one stage run as one
-compiled program (:func:`sse_sam_jax.train.compiled_step.scan_steps`); :class:`DispatchPlan`
-decides the grouping from the step index alone, :func:`programs` lists the programs
-a run needs in the order of first use (built before step 0, or the first one before and
-the others in background threads: :func:`background_compile_threads`), and
+``steps_per_dispatch`` consecutive batches of the full shape, of one epoch and one stage,
+run as one compiled program (:func:`sse_sam_jax.train.compiled_step.scan_steps`);
+:class:`DispatchPlan` (:func:`plan`) decides the grouping from the step index alone,
+:func:`programs` lists the programs a run needs in the order of first use (built before
+step 0, or the first one before and the others in background threads:
+:func:`background_compile_threads`), :func:`train_batches` is the run's grain pipeline, and
 :func:`device_batch` stacks the host batches of a dispatch (the epoch's last, partial,
-one padded to a full batch with a mask: :func:`pad`) and places them on the mesh.
+one padded to a full batch with a mask: :func:`pad`) and places them on the mesh, where
+indices and draws become augmented images (``data.augment_on``,
+:mod:`sse_sam_jax.train.device_images`).
 """
 
 from __future__ import annotations
