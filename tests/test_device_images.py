@@ -13,6 +13,7 @@ from sse_sam_jax.data import augment
 from sse_sam_jax.train import config as config_lib
 from sse_sam_jax.train import device_images as device_images_lib
 from sse_sam_jax.train import dispatch, resume, setup, trainer
+from tests.test_trainer import set_keys
 
 
 def _images(n=40, dtype=np.uint8, seed=0):
@@ -68,13 +69,7 @@ def _config(npz, **overrides):
   c.optimizer.update(name='sse_sam', eta=10.0, gamma=0.5)
   c.eval.every_epochs = 1
   c.compilation_cache_dir = ''
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return set_keys(c, **overrides)
 
 
 def _device_batches(c):
